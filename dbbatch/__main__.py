@@ -1,0 +1,3 @@
+from dbbatch.cli import main
+
+main()

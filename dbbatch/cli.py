@@ -1,0 +1,266 @@
+"""The `dbbatch` command. Thin: parses options, calls the library, maps errors to exit codes.
+
+Exit codes (a contract the Kubernetes Job's podFailurePolicy relies on):
+  0    every selected subject succeeded or was already done
+  1    at least one subject failed (retrying may help), or an unexpected error
+  2    invalid manifest or input (do not retry)
+  3    storage unreachable or not writable at the batch level (output, prior cache, base model download)
+  143  preempted by SIGTERM: checkpoints stored, retry
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dbbatch.errors import DbbatchError, InputError, ManifestError, Preempted, StorageError
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STORAGE, EXIT_PREEMPTED = 0, 1, 2, 3, 143
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="DreamBooth fine-tuning of Stable Diffusion for many subjects, as a batch job.")
+k8s_app = typer.Typer(no_args_is_help=True, help="Kubernetes Job manifests.")
+app.add_typer(k8s_app, name="k8s")
+log = logging.getLogger("dbbatch")
+_debug = False
+
+
+def _setup_logging(debug: bool) -> None:
+    global _debug
+    _debug = debug
+    level = logging.DEBUG if debug else logging.INFO
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, markup=False, rich_tracebacks=debug)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("dbbatch").setLevel(level)
+    for noisy in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric", "botocore", "s3fs", "aiobotocore"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if not debug else logging.INFO)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    warnings.filterwarnings("ignore", message=".*low_cpu_mem_usage.*")
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers print loading bars and advice on every load; keep the log for our lines."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    for lib in (dlog, tlog):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
+def _fail(exc: BaseException) -> "typer.Exit":
+    """Print one line for a known error and return the exit to raise."""
+    if isinstance(exc, ManifestError):
+        log.error("invalid manifest %s:", exc.source)
+        for p in exc.problems:
+            log.error("  %s", p)
+        return typer.Exit(EXIT_INVALID)
+    log.error("%s", exc)
+    if _debug:
+        log.exception("details")
+    if isinstance(exc, Preempted):
+        return typer.Exit(EXIT_PREEMPTED)
+    if isinstance(exc, InputError):
+        return typer.Exit(EXIT_INVALID)
+    if isinstance(exc, StorageError):
+        return typer.Exit(EXIT_STORAGE)
+    return typer.Exit(EXIT_FAILED)
+
+
+def _load(manifest_path: Path):
+    from dbbatch.manifest import load_manifest
+
+    return load_manifest(manifest_path)
+
+
+@app.command()
+def validate(
+    manifest: Path = typer.Argument(..., help="The manifest YAML."),
+    output: Optional[str] = typer.Option(None, "--output", help="Override the manifest's output location."),
+    check_remote: bool = typer.Option(True, "--check-remote/--no-check-remote", help="Also check images resolve and the output is writable."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Check the whole manifest and report every problem at once (exit 2 if any)."""
+    _setup_logging(debug)
+    from dbbatch.storage import Storage
+    from dbbatch.validation import check_manifest, locations
+
+    try:
+        m, base_dir = _load(manifest)
+        out, cache = locations(m, base_dir, output)
+        storage = Storage(m.storage_options)
+        if check_remote:
+            _quiet_libraries()
+        problems, warnings = check_manifest(m, base_dir, storage, check_remote, out, cache)
+    except DbbatchError as e:
+        raise _fail(e) from None
+    for w in warnings:
+        log.warning("%s", w)
+    if problems:
+        raise _fail(ManifestError(problems, str(manifest)))
+    typer.echo(f"{manifest}: OK ({len(m.subjects)} subject(s), output {out})")
+
+
+@app.command()
+def run(
+    manifest: Path = typer.Argument(..., help="The manifest YAML."),
+    output: Optional[str] = typer.Option(None, "--output", help="Override the manifest's output location."),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="Run only this subject id (repeatable)."),
+    force: bool = typer.Option(False, "--force", help="Redo subjects that are already done (their outputs are deleted first)."),
+    shard_index: int = typer.Option(int(os.environ.get("JOB_COMPLETION_INDEX", "0")), "--shard-index", help="This shard (default $JOB_COMPLETION_INDEX)."),
+    shard_count: int = typer.Option(int(os.environ.get("DBBATCH_SHARD_COUNT", "1")), "--shard-count", help="Number of shards (default $DBBATCH_SHARD_COUNT)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print this shard's subjects and their state; train nothing, write nothing."),
+    report: Optional[str] = typer.Option(None, "--report", help="Also write the machine-readable run report here."),
+    work_dir: Path = typer.Option(Path(os.environ.get("DBBATCH_WORK_DIR", Path.home() / ".cache" / "dbbatch")), "--work-dir",
+                                  help="Local scratch and cache folder (default $DBBATCH_WORK_DIR or ~/.cache/dbbatch)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Train every subject of the manifest (or of this shard) end to end."""
+    _setup_logging(debug)
+    from dbbatch import signals
+
+    signals.install()
+    from dbbatch.manifest import resolve_subjects
+    from dbbatch.sharding import select
+    from dbbatch.storage import Storage
+    from dbbatch.validation import check_manifest, locations
+
+    try:
+        m, base_dir = _load(manifest)
+        out, cache = locations(m, base_dir, output)
+        storage = Storage(m.storage_options)
+        problems, warnings = check_manifest(m, base_dir, storage, False, out, cache)
+        for w in warnings:
+            log.warning("%s", w)
+        if problems:
+            raise ManifestError(problems, str(manifest))
+        subjects = resolve_subjects(m, base_dir)
+        if only:
+            unknown = sorted(set(only) - {s.id for s in subjects})
+            if unknown:
+                raise InputError(f"--only {unknown[0]}: no such subject in {manifest}")
+            subjects = [s for s in subjects if s.id in only]
+        try:
+            mine = set(select([s.id for s in subjects], shard_index, shard_count))
+        except ValueError as e:
+            raise InputError(f"--shard-index/--shard-count: {e}") from None
+        subjects = [s for s in subjects if s.id in mine]
+    except DbbatchError as e:
+        raise _fail(e) from None
+
+    from dbbatch.progress import Reporter
+    from dbbatch.worker import Batch, RunOptions
+
+    opts = RunOptions(output=out, prior_cache=cache, work_dir=work_dir, force=force, debug=debug)
+    if dry_run:
+        batch = Batch(m, base_dir, storage, opts, reporter=None)
+        typer.echo(f"shard {shard_index}/{shard_count}: {len(subjects)} subject(s)")
+        try:
+            for s in subjects:
+                typer.echo(f"{s.id}\t{batch.state_of(s)}")
+        except DbbatchError as e:
+            raise _fail(e) from None
+        return
+
+    _quiet_libraries()
+    reporter = Reporter()
+    try:
+        storage.reporter = reporter
+        storage.check_writable(out)
+        batch = Batch(m, base_dir, storage, opts, reporter)
+        log.info("run %s: %d subject(s) (shard %d/%d) -> %s", opts.run_id, len(subjects), shard_index, shard_count, out)
+        results = batch.run(subjects)
+    except DbbatchError as e:
+        reporter.stop()
+        raise _fail(e) from None
+    finally:
+        reporter.stop()
+    preempted = any(r.status == "preempted" for r in results)
+    summary = batch.write_report(results, {"shard_index": shard_index, "shard_count": shard_count,
+                                           "preempted": preempted,
+                                           "sigterm_to_exit_seconds": round(signals.seconds_since_request(), 3) if preempted else None})
+    if report:
+        try:
+            from dbbatch.manifest import resolve_location
+
+            storage.write_text(resolve_location(report, Path.cwd()), json.dumps(summary, indent=2) + "\n")
+        except DbbatchError as e:
+            log.error("could not write --report: %s", e)
+    _print_table(results)
+    if preempted:
+        log.warning("preempted: SIGTERM to exit took %.2fs; rerun to resume", signals.seconds_since_request())
+        raise typer.Exit(EXIT_PREEMPTED)
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        all_input = all(r.error_class in ("ImageError", "InputError", "ModelError") for r in failed)
+        log.error("%d of %d subject(s) failed", len(failed), len(results))
+        raise typer.Exit(EXIT_INVALID if all_input and len(failed) == len(results) else EXIT_FAILED)
+
+
+def _print_table(results) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="dbbatch results")
+    for col in ("subject", "status", "steps", "loss", "seconds", "output / error"):
+        table.add_column(col)
+    for r in results:
+        loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "-"
+        table.add_row(r.id, r.status, str(r.steps or "-"), loss, f"{r.seconds:.1f}", r.message if r.status == "failed" else r.output)
+    Console(width=160 if not sys.stdout.isatty() else None).print(table)
+
+
+@app.command()
+def schema() -> None:
+    """Print the manifest's JSON Schema."""
+    from dbbatch.manifest import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=2))
+
+
+@app.command("tiny-model")
+def tiny_model(
+    out_dir: Path = typer.Argument(..., help="Folder to write the diffusers pipeline to."),
+    arch: str = typer.Option("tiny-sd", "--arch", help="Built-in architecture: tiny-sd, small-sd or sd15."),
+) -> None:
+    """Write a built-in model (random weights, fixed seed) as a diffusers folder."""
+    _setup_logging(False)
+    _quiet_libraries()
+    from dbbatch.models import write_builtin
+
+    try:
+        write_builtin(arch, out_dir)
+    except DbbatchError as e:
+        raise _fail(e) from None
+    typer.echo(f"wrote builtin:{arch} to {out_dir}")
+
+
+@app.command()
+def version() -> None:
+    """Print the dbbatch version."""
+    from dbbatch import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,57 @@
+"""Fault injection for tests, off unless DBBATCH_FAULTS is set. Never used in production paths otherwise.
+
+DBBATCH_FAULTS is a ';'-separated list:
+  pause_at_step=N      before optimizer step N+1 starts, touch $DBBATCH_FAULT_MARKER and wait until SIGTERM
+                       (tests then send SIGKILL or SIGTERM at a known step)
+  fail_train=ID        raise a simulated CUDA out-of-memory error in subject ID's first training step
+  disk_full_checkpoint when writing a checkpoint, raise ENOSPC after writing part of the file
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+
+def _faults() -> dict[str, str]:
+    raw = os.environ.get("DBBATCH_FAULTS", "")
+    out = {}
+    for item in filter(None, (p.strip() for p in raw.split(";"))):
+        k, _, v = item.partition("=")
+        out[k] = v
+    return out
+
+
+_current_subject: Optional[str] = None
+
+
+def set_subject(subject_id: Optional[str]) -> None:
+    global _current_subject
+    _current_subject = subject_id
+
+
+def on_train_step(step: int) -> None:
+    f = _faults()
+    if not f:
+        return
+    if f.get("fail_train") == _current_subject:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB (simulated by DBBATCH_FAULTS)")
+    if "pause_at_step" in f and int(f["pause_at_step"]) == step:
+        from dbbatch import signals
+
+        marker = os.environ.get("DBBATCH_FAULT_MARKER")
+        if marker:
+            Path(marker).write_text(str(step))
+        deadline = time.monotonic() + 300
+        while not signals.requested() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def on_checkpoint_write(path: Path) -> None:
+    if "disk_full_checkpoint" in _faults():
+        with open(path, "wb") as fh:
+            fh.write(b"\0" * 1024)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))

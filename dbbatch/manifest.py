@@ -1,0 +1,368 @@
+"""The manifest: a pydantic v2 schema, defaults merging, and error reporting with field paths.
+
+Everything here is pure: it parses text and returns objects. Checks that need the base model's tokenizer
+or storage (token splitting, remote reachability) live in `validation.py`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import string
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dbbatch.errors import ManifestError
+
+SUBJECT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+PROMPT_FIELDS = {"token", "class_noun"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class TrainConfig(_Strict):
+    """How one subject is fine-tuned."""
+
+    max_steps: int = Field(400, gt=0, description="Optimizer steps for this subject.")
+    learning_rate: float = Field(5e-6, gt=0, description="AdamW learning rate for the UNet.")
+    text_encoder_learning_rate: Optional[float] = Field(
+        None, gt=0, description="Learning rate for the text encoder when it is trained (default: learning_rate)."
+    )
+    batch_size: int = Field(1, gt=0, description="Instance images per step (the same number of class images joins them).")
+    gradient_accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    train_text_encoder: bool = Field(False, description="Also fine-tune the CLIP text encoder.")
+    with_prior_preservation: bool = Field(True, description="Add the class-prior loss (DreamBooth paper, eq. 2).")
+    prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the class-prior loss term.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps of the LR schedule.")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Gradient clipping norm; null disables clipping.")
+    weight_decay: float = Field(1e-2, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    optimizer: Literal["adamw", "adamw8bit"] = Field("adamw", description="adamw8bit needs bitsandbytes and a GPU.")
+    seed: int = Field(0, ge=0, description="Seeds noise, timesteps and data order.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = Field(False, description="Trade compute for UNet activation memory.")
+    checkpoint_every: int = Field(100, gt=0, description="Write and upload a resumable checkpoint every N steps.")
+    checkpoints_keep: int = Field(1, ge=1, description="Stored checkpoints kept; older ones are pruned.")
+    devices: Union[Literal["auto"], int] = Field("auto", description="Devices (GPUs) per subject, DDP when > 1.")
+
+    @field_validator("devices")
+    @classmethod
+    def _positive_devices(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be 'auto' or >= 1, got {v}")
+        return v
+
+
+class PriorConfig(_Strict):
+    """Class-prior (regularisation) images made with the base model."""
+
+    num_images: int = Field(100, ge=0, description="Class images per class prompt; 0 only with prior preservation off.")
+    steps: int = Field(25, gt=0, description="DDIM denoising steps per image.")
+    guidance_scale: float = Field(7.5, ge=1.0, description="Classifier-free guidance scale.")
+    batch_size: int = Field(4, gt=0, description="Images per forward pass.")
+    seed: int = Field(0, ge=0, description="Image i is made with seed + i, so top-ups are deterministic.")
+    negative_prompt: str = ""
+
+
+class SampleConfig(_Strict):
+    """Sample images rendered with the fine-tuned model."""
+
+    prompts: list[str] = Field(
+        default_factory=lambda: ["a photo of {token} {class_noun}"], description="One grid row each; may use {token}, {class_noun}."
+    )
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="One grid column each.")
+    steps: int = Field(25, gt=0)
+    guidance_scale: float = Field(7.5, ge=1.0)
+    include_class_prompt: bool = Field(True, description="Add a row for the bare class prompt (shows prior drift).")
+    negative_prompt: str = ""
+    batch_size: int = Field(8, gt=0)
+
+
+class SubjectSettings(_Strict):
+    """Keys that `defaults:` sets for every subject and each subject may override."""
+
+    resolution: Optional[int] = Field(None, gt=0, description="Training/sampling size in pixels (default: the model's native size).")
+    instance_prompt: str = "a photo of {token} {class_noun}"
+    class_prompt: str = "a photo of {class_noun}"
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    priors: PriorConfig = Field(default_factory=PriorConfig)
+    samples: SampleConfig = Field(default_factory=SampleConfig)
+
+
+class SubjectEntry(SubjectSettings):
+    """One subject: a person, pet or product, with its own photos and identifier token."""
+
+    id: str = Field(description="[a-z0-9][a-z0-9._-]*, unique; names the output folder.")
+    token: str = Field(min_length=1, description="Rare identifier word, e.g. sks.")
+    class_noun: str = Field(min_length=1, description="What the subject is, e.g. dog.")
+    images: Union[str, list[str]] = Field(description="A folder, a glob, or a list of files/URLs.")
+
+    @field_validator("id")
+    @classmethod
+    def _safe_id(cls, v: str) -> str:
+        if not SUBJECT_ID_RE.match(v):
+            raise ValueError(
+                f"{v!r} is not a safe id: use 1-64 lower-case ASCII letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit (it names the output folder)"
+            )
+        return v
+
+    @field_validator("token")
+    @classmethod
+    def _one_word(cls, v: str) -> str:
+        if v != v.strip() or any(c.isspace() for c in v):
+            raise ValueError(f"must be one word without spaces, got {v!r}")
+        return v
+
+    @field_validator("images")
+    @classmethod
+    def _non_empty(cls, v: Union[str, list[str]]) -> Union[str, list[str]]:
+        if (isinstance(v, str) and not v.strip()) or (isinstance(v, list) and not v):
+            raise ValueError("must name a folder, a glob or at least one file")
+        return v
+
+
+class Manifest(_Strict):
+    """A batch of DreamBooth subjects trained from one base model."""
+
+    version: Literal[1] = 1
+    base_model: str = Field("builtin:tiny-sd", description="builtin:tiny-sd, builtin:small-sd, a diffusers folder (local or fsspec URL) or a hub id.")
+    output: str = Field(description="Where results go: a local path or fsspec URL.")
+    prior_cache: Optional[str] = Field(None, description="Class-prior cache shared across runs (default <output>/_priors).")
+    storage_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-protocol fsspec options, e.g. s3: {endpoint_url: ...}. No secrets here."
+    )
+    output_dtype: Literal["fp32", "fp16"] = Field("fp32", description="Precision of the saved model weights.")
+    model_format: Literal["full", "delta"] = Field(
+        "full", description="full: self-contained diffusers folder; delta: changed components + base reference."
+    )
+    defaults: SubjectSettings = Field(default_factory=SubjectSettings)
+    subjects: list[SubjectEntry] = Field(min_length=1)
+
+
+class Subject(BaseModel):
+    """A subject with every setting resolved (defaults merged, prompts formatted). What the worker uses."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    index: int
+    token: str
+    class_noun: str
+    images: list[str]
+    resolution: Optional[int]
+    instance_prompt: str
+    class_prompt: str
+    train: TrainConfig
+    priors: PriorConfig
+    samples: SampleConfig
+
+    def sample_prompts(self) -> list[str]:
+        prompts = [format_prompt(p, self.token, self.class_noun) for p in self.samples.prompts]
+        if self.samples.include_class_prompt and self.class_prompt not in prompts:
+            prompts.append(self.class_prompt)
+        return prompts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parsing and error reporting
+
+
+def format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _model_at(loc: tuple[Any, ...]) -> Optional[type[BaseModel]]:
+    """The schema class that owns the field at `loc` (for 'did you mean')."""
+    model: Any = Manifest
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        if part == "subjects":
+            model = SubjectEntry
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _describe(err: dict[str, Any]) -> str:
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "extra_forbidden":
+        key = err["loc"][-1]
+        model = _model_at(err["loc"])
+        hint = ""
+        if model is not None:
+            close = difflib.get_close_matches(str(key), list(model.model_fields), n=1, cutoff=0.6)
+            if close:
+                hint = f"; did you mean '{close[0]}'?"
+        return f"unknown key{hint}"
+    if kind == "missing":
+        return "required key is missing"
+    for op, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if kind in (f"greater_than{'_equal' if op == 'ge' else ''}", f"less_than{'_equal' if op == 'le' else ''}") and op in ctx:
+            return f"must be {sym} {ctx[op]}, got {value!r}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}, got {value!r}"
+    return f"{err['msg'][0].lower()}{err['msg'][1:]}, got {value!r}"
+
+
+def _problems_from(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> list[str]:
+    seen, problems = set(), []
+    for err in exc.errors():
+        loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and p in ("str", "list[str]", "int", "literal['auto']")))
+        line = f"{format_loc(loc)}: {_describe({**err, 'loc': loc})}"
+        if line not in seen:
+            seen.add(line)
+            problems.append(line)
+    return problems
+
+
+def format_prompt(template: str, token: str, class_noun: str) -> str:
+    return template.format(token=token, class_noun=class_noun)
+
+
+def _placeholder_problems(template: str, where: str) -> list[str]:
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        return [f"{where}: malformed braces in {template!r} ({e}); write {{{{ and }}}} for literal braces"]
+    unknown = sorted(n for n in names if n not in PROMPT_FIELDS)
+    if unknown:
+        return [f"{where}: unknown placeholder {{{unknown[0]}}} in {template!r}; available: {{token}}, {{class_noun}}"]
+    return []
+
+
+def parse_manifest(text: str, source: str = "manifest") -> Manifest:
+    """YAML text -> validated Manifest; every problem reported at once as ManifestError."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ManifestError([f"not valid YAML{where}: {problem}"], source) from None
+    if data is None:
+        raise ManifestError(["the file is empty; see manifests/demo.yaml for a starting point"], source)
+    if not isinstance(data, dict):
+        raise ManifestError([f"the top level must be a mapping of keys (version, output, subjects, ...), got a {type(data).__name__}"], source)
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as e:
+        raise ManifestError(_problems_from(e), source) from None
+    problems = _cross_checks(manifest)
+    if problems:
+        raise ManifestError(problems, source)
+    return manifest
+
+
+def _cross_checks(m: Manifest) -> list[str]:
+    problems: list[str] = []
+    for where, settings in [("defaults", m.defaults)] + [(f"subjects[{i}]", s) for i, s in enumerate(m.subjects)]:
+        for key in ("instance_prompt", "class_prompt"):
+            problems += _placeholder_problems(getattr(settings, key), f"{where}.{key}")
+        for j, p in enumerate(settings.samples.prompts):
+            problems += _placeholder_problems(p, f"{where}.samples.prompts[{j}]")
+    seen: dict[str, int] = {}
+    for i, s in enumerate(m.subjects):
+        folded = s.id.casefold()
+        if folded in seen:
+            problems.append(f"subjects[{i}].id: duplicate id {s.id!r} (also subjects[{seen[folded]}]); ids must be unique")
+        seen.setdefault(folded, i)
+        if s.token.casefold() == s.class_noun.casefold():
+            problems.append(
+                f"subjects[{i}].token: the token {s.token!r} is the class noun itself; pick a rare word such as 'sks'"
+            )
+    for i, subject in enumerate(resolve_subjects(m, base_dir=None)):
+        t = subject.train
+        where = f"subjects[{i}]"
+        if t.lr_warmup_steps >= t.max_steps:
+            problems.append(f"{where}.train.lr_warmup_steps: must be < max_steps ({t.max_steps}), got {t.lr_warmup_steps}")
+        if t.with_prior_preservation and subject.priors.num_images == 0:
+            problems.append(f"{where}.priors.num_images: must be > 0 with train.with_prior_preservation, got 0")
+    return problems
+
+
+def _merge(base: BaseModel, *overrides: BaseModel) -> dict[str, Any]:
+    merged = base.model_dump()
+    for o in overrides:
+        merged.update(o.model_dump(exclude_unset=True))
+    return merged
+
+
+def resolve_subjects(m: Manifest, base_dir: Optional[Path]) -> list[Subject]:
+    """Merge built-in defaults <- manifest `defaults` <- the subject's own keys, one nested section at a time."""
+    out = []
+    for i, s in enumerate(m.subjects):
+        d = m.defaults
+        flat = {k: v for k, v in _merge(SubjectSettings(), d, s).items() if k in ("resolution", "instance_prompt", "class_prompt")}
+        images = [s.images] if isinstance(s.images, str) else list(s.images)
+        if base_dir is not None:
+            images = [resolve_location(x, base_dir) for x in images]
+        out.append(
+            Subject(
+                id=s.id,
+                index=i,
+                token=s.token,
+                class_noun=s.class_noun,
+                images=images,
+                resolution=flat["resolution"],
+                instance_prompt=format_prompt(flat["instance_prompt"], s.token, s.class_noun),
+                class_prompt=format_prompt(flat["class_prompt"], s.token, s.class_noun),
+                train=TrainConfig(**_merge(TrainConfig(), d.train, s.train)),
+                priors=PriorConfig(**_merge(PriorConfig(), d.priors, s.priors)),
+                samples=SampleConfig(**_merge(SampleConfig(), d.samples, s.samples)),
+            )
+        )
+    return out
+
+
+def resolve_location(location: str, base_dir: Path) -> str:
+    """Relative local paths resolve against the manifest's folder; URLs and absolute paths stay as they are."""
+    if "://" in location or location.startswith("builtin:") or Path(location).is_absolute():
+        return location
+    resolved = str((base_dir / location).resolve())
+    # keep a trailing slash: it tells a folder from a file before anything is listed
+    return resolved + "/" if location.endswith("/") else resolved
+
+
+def looks_like_local_path(location: str) -> bool:
+    return location.startswith((".", "/", "~")) or "/" in location and "://" not in location
+
+
+def load_manifest(path: Path) -> tuple[Manifest, Path]:
+    """Read a manifest file; return it with the folder its relative paths resolve against."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError([f"no such file: {path}"], str(path)) from None
+    except UnicodeDecodeError:
+        raise ManifestError(["the file is not UTF-8 text; a manifest is a YAML file"], str(path)) from None
+    except OSError as e:
+        raise ManifestError([f"cannot read the file: {e.strerror}"], str(path)) from None
+    return parse_manifest(text, str(path)), path.resolve().parent
+
+
+def json_schema() -> dict[str, Any]:
+    return Manifest.model_json_schema()

@@ -1,0 +1,314 @@
+"""Base models: the built-in random-weight architectures, diffusers folders (local or any fsspec URL), hub ids.
+
+Every base model ends up as a `BaseModel` loaded from a diffusers folder: a built-in model is first written
+as one (once, into the cache), so the built-in tiny model runs exactly the code path a real SD 1.x/2.x folder
+runs. The VAE and (unless trained) the text encoder are frozen here, once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from dbbatch.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
+BUILTIN_VERSION = "1"  # bump when a built-in config or its seed changes: it is part of every cache key
+BUILTIN_SEED = 1234
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+# Scheduler as shipped with SD 1.x checkpoints; DDIM is used for sampling, DDPM (same betas) for training.
+SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+# Built-in architectures (random weights, fixed seed). tiny-sd: CI-sized, native 64 px. small-sd: about 10x
+# the parameters, native 128 px, still CPU-friendly. sd15: the full SD 1.5 shapes, for GPU benchmarks.
+ARCHS: dict[str, dict[str, Any]] = {
+    "tiny-sd": {
+        "unet": dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8),
+        "vae": dict(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+        "text_encoder": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+                             projection_dim=32),
+    },
+    "small-sd": {
+        "unet": dict(block_out_channels=(64, 128, 128), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                     cross_attention_dim=64, attention_head_dim=8),
+        "vae": dict(block_out_channels=(32, 64, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=128,
+                    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3),
+        "text_encoder": dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=6,
+                             projection_dim=64),
+    },
+    "sd15": {
+        "unet": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64, in_channels=4,
+                     out_channels=4, cross_attention_dim=768, attention_head_dim=8,
+                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
+                    sample_size=512, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                             projection_dim=768, hidden_act="quick_gelu"),
+    },
+}
+
+
+@dataclass
+class BaseModel:
+    """A loaded Stable Diffusion model, split into the parts DreamBooth treats differently."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+    identity: str  # stable fingerprint: part of prior-cache keys and checkpoint compatibility checks
+    source: str  # what the manifest said
+    folder: Optional[Path] = None
+    _initial: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    def snapshot(self) -> None:
+        """Keep an in-memory (CPU) copy of the weights that training changes, to restore between subjects."""
+        self._initial = {
+            name: {k: v.detach().to("cpu", copy=True) for k, v in getattr(self, name).state_dict().items()}
+            for name in ("unet", "text_encoder")
+        }
+
+    def restore(self) -> None:
+        """Put the base weights back (after a subject trained them); never reloads from disk or the store."""
+        for name, state in self._initial.items():
+            getattr(self, name).load_state_dict(state)
+
+    def to(self, device: Any) -> "BaseModel":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device)
+        return self
+
+    def freeze(self) -> None:
+        for module in (self.vae, self.text_encoder, self.unet):
+            module.requires_grad_(False)
+            module.eval()
+
+
+def build_builtin(name: str, torch_dtype: Any = None) -> dict[str, Any]:
+    """Components of a built-in architecture with weights from a fixed seed (in memory, nothing on disk)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if name not in ARCHS:
+        raise ModelError(f"unknown built-in model 'builtin:{name}'; available: {', '.join('builtin:' + a for a in ARCHS)}")
+    arch = ARCHS[name]
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    torch.manual_seed(BUILTIN_SEED)
+    unet = UNet2DConditionModel(**arch["unet"])
+    vae = AutoencoderKL(**arch["vae"])
+    te_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **arch["text_encoder"],
+    )
+    text_encoder = CLIPTextModel(te_config)
+    comps = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                 scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG))
+    if torch_dtype is not None:
+        for k in ("unet", "vae", "text_encoder"):
+            comps[k].to(torch_dtype)
+    return comps
+
+
+def save_folder(comps: dict[str, Any], out_dir: Path, dtype: Any = None) -> Path:
+    """Write components as a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"], unet=comps["unet"],
+        scheduler=comps["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    if dtype is not None:
+        pipe.to(dtype=dtype)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if dtype is not None:
+        pipe.to(dtype=torch.float32)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def write_builtin(name: str, out_dir: Path) -> Path:
+    return save_folder(build_builtin(name), out_dir)
+
+
+def check_folder(folder: Path, source: str) -> None:
+    if not folder.is_dir():
+        raise ModelError(f"base_model {source!r}: no such folder")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelError(f"base_model {source!r}: not a diffusers folder (no model_index.json); use a Stable Diffusion 1.x/2.x folder saved with save_pretrained")
+    missing = [c for c in REQUIRED_COMPONENTS if not (folder / c).is_dir()]
+    if missing:
+        raise ModelError(f"base_model {source!r}: diffusers folder lacks {', '.join(missing)}; a Stable Diffusion 1.x/2.x pipeline is needed")
+
+
+def fingerprint(folder: Path) -> str:
+    """A cheap content fingerprint: every config file whole, and each weight file's size plus its first and
+    last MiB (safetensors headers list every tensor's shape and offset). Reading 3.4 GB per run to hash it
+    all would cost more than it protects against."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        h.update(p.relative_to(folder).as_posix().encode())
+        if p.suffix in (".json", ".txt"):
+            h.update(p.read_bytes())
+        else:
+            size = p.stat().st_size
+            h.update(str(size).encode())
+            with open(p, "rb") as fh:
+                h.update(fh.read(2**20))
+                if size > 2**20:
+                    fh.seek(max(size - 2**20, 2**20))
+                    h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def load_folder(folder: Path, source: str, identity: Optional[str] = None) -> BaseModel:
+    """Load a diffusers SD folder (epsilon or v-prediction)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    check_folder(folder, source)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+        text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"))
+        vae = AutoencoderKL.from_pretrained(str(folder / "vae"))
+        unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"))
+        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise ModelError(f"base_model {source!r}: cannot load the diffusers folder: {str(e).splitlines()[0][:200]}") from None
+    model = BaseModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                      scheduler_config=dict(scheduler_config), identity=identity or fingerprint(folder),
+                      source=source, folder=folder)
+    model.freeze()
+    model.snapshot()
+    return model
+
+
+def resolve_source(source: str, base_dir: Optional[Path]) -> tuple[str, str]:
+    """Classify a `base_model` value: ('builtin', name) | ('local', path) | ('remote', url) | ('hub', id)."""
+    if source.startswith("builtin:"):
+        return "builtin", source.split(":", 1)[1]
+    if "://" in source:
+        return ("local", source.split("://", 1)[1]) if source.startswith("file://") else ("remote", source)
+    p = Path(source).expanduser()
+    if not p.is_absolute() and base_dir is not None:
+        p = (base_dir / p).resolve()
+    if p.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        return "local", str(p)
+    return "hub", source  # "org/name", not a local folder
+
+
+def load_base_model(source: str, base_dir: Optional[Path], cache_dir: Path, storage: Any) -> BaseModel:
+    """Any `base_model` value -> a frozen BaseModel with a snapshot of its trainable weights."""
+    kind, where = resolve_source(source, base_dir)
+    if kind == "builtin":
+        if where not in ARCHS:
+            build_builtin(where)  # raises the 'unknown built-in' ModelError
+        folder = cache_dir / "models" / f"builtin-{where}-v{BUILTIN_VERSION}"
+        if not (folder / "model_index.json").is_file():
+            log.info("writing built-in model %s to %s", source, folder)
+            write_builtin(where, folder)
+        return load_folder(folder, source, identity=f"builtin:{where}:v{BUILTIN_VERSION}:seed{BUILTIN_SEED}")
+    if kind == "local":
+        return load_folder(Path(where), source)
+    if kind == "remote":
+        key = hashlib.sha256(where.encode()).hexdigest()[:16]
+        folder = cache_dir / "models" / f"remote-{key}"
+        if not (folder / ".complete").exists():
+            log.info("downloading base model %s", where)
+            storage.fetch_tree(where, folder)
+            (folder / ".complete").write_text(where)
+        return load_folder(folder, source)
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(where, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+    except Exception as e:  # noqa: BLE001 - any hub failure is one clear error
+        raise ModelError(f"base_model {source!r}: not a local folder, and the hub could not provide it ({type(e).__name__})") from None
+    return load_folder(folder, source)
+
+
+DELTA_FILE = "dbbatch_delta.json"
+
+
+def save_delta(model: BaseModel, out_dir: Path, with_text_encoder: bool, dtype: Any = None) -> Path:
+    """Only the components fine-tuning changed, plus a reference to the base model (`model_format: delta`).
+    Load with `dbbatch.models.load_pipeline(folder)`."""
+    import torch
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    names = ["unet"] + (["text_encoder"] if with_text_encoder else [])
+    for name in names:
+        module = getattr(model, name)
+        if dtype is not None:
+            module.to(dtype)
+        try:
+            module.save_pretrained(tmp / name, safe_serialization=True)
+        finally:
+            if dtype is not None:
+                module.to(torch.float32)
+    (tmp / DELTA_FILE).write_text(json.dumps({"base_model": model.source, "base_model_identity": model.identity,
+                                             "components": names}, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def load_pipeline(folder: str, base_model: Optional[str] = None, cache_dir: Optional[Path] = None, storage: Any = None):
+    """A `StableDiffusionPipeline` for a dbbatch model folder, full or delta (the documented loading call)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    path = Path(folder)
+    if not (path / DELTA_FILE).is_file():
+        return StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
+    delta = json.loads((path / DELTA_FILE).read_text())
+    base = load_base_model(base_model or delta["base_model"], None, cache_dir or Path.home() / ".cache" / "dbbatch", storage)
+    if base.identity != delta["base_model_identity"]:
+        raise ModelError(f"{folder}: made from base model {delta['base_model_identity']}, but {base.identity} was found")
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(path / "unet"))
+    te = CLIPTextModel.from_pretrained(str(path / "text_encoder")) if "text_encoder" in delta["components"] else base.text_encoder
+    return StableDiffusionPipeline(vae=base.vae, text_encoder=te, tokenizer=base.tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler.from_config(base.scheduler_config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)

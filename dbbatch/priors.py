@@ -1,0 +1,87 @@
+"""Class-prior images: made once per class key, stored content-addressed, shared by subjects and runs.
+
+Layout: `<prior_cache>/<key>/000000.png ...` plus `prior.json` saying what the key stands for. The key hashes
+everything that changes the pixels (base model identity, class prompt, negative prompt, resolution, sampler,
+steps, guidance, seed), not the image count: asking for more images tops the folder up, image i always made
+with seed `seed + i`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from typing import Any, Callable, Optional
+
+from PIL import Image
+
+from dbbatch.errors import StorageError
+
+log = logging.getLogger(__name__)
+SAMPLER = "ddim-eta0"
+
+
+def prior_spec(model_identity: str, class_prompt: str, resolution: int, priors: Any) -> dict[str, Any]:
+    return {
+        "base_model": model_identity, "class_prompt": class_prompt, "negative_prompt": priors.negative_prompt,
+        "resolution": resolution, "sampler": SAMPLER, "steps": priors.steps, "guidance_scale": priors.guidance_scale,
+        "seed": priors.seed,
+    }
+
+
+def prior_key(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def image_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+def missing_indices(existing_names: set[str], num_images: int) -> list[int]:
+    return [i for i in range(num_images) if image_name(i) not in existing_names]
+
+
+def ensure_priors(
+    model: Any, class_prompt: str, resolution: int, priors: Any, cache_url: str, storage: Any,
+    reporter: Any = None, label: str = "", should_stop: Optional[Callable[[], None]] = None,
+) -> tuple[list[Image.Image], int]:
+    """Return `priors.num_images` class images, generating only those the cache lacks. -> (images, generated)."""
+    from dbbatch.sampling import generate
+    from dbbatch.storage import join
+
+    spec = prior_spec(model.identity, class_prompt, resolution, priors)
+    key = prior_key(spec)
+    folder = join(cache_url, key)
+    stored_spec = storage.read_json(join(folder, "prior.json"))
+    if stored_spec is not None and stored_spec != spec:
+        raise StorageError(f"prior cache {folder} holds images for {stored_spec} but its key says {spec}; delete that folder")
+    if stored_spec is None:
+        storage.write_json(join(folder, "prior.json"), spec)
+    existing = {url.rsplit("/", 1)[-1] for url in storage.list_files(folder)}
+    todo = missing_indices(existing, priors.num_images)
+    if todo:
+        log.info("%sgenerating %d of %d class images for %r (cache %s)", label, len(todo), priors.num_images, class_prompt, key)
+        task = reporter.start(f"{label}priors", total=len(todo), unit="img") if reporter else None
+        # Generate in chunks of batch_size and store each image as it is made, so a kill loses at most a batch.
+        for start in range(0, len(todo), priors.batch_size):
+            if should_stop is not None:
+                should_stop()
+            chunk = todo[start : start + priors.batch_size]
+
+            def store(j: int, img: Image.Image, chunk: list[int] = chunk) -> None:
+                from dbbatch.images import png_bytes
+
+                storage.write_bytes(join(folder, image_name(chunk[j])), png_bytes(img))
+                if task:
+                    task.advance()
+
+            generate(model, [class_prompt] * len(chunk), [priors.seed + i for i in chunk], resolution, priors.steps,
+                     priors.guidance_scale, priors.negative_prompt, priors.batch_size, on_image=store)
+        if task:
+            task.close()
+    images = []
+    for i in range(priors.num_images):
+        img = Image.open(io.BytesIO(storage.read_bytes(join(folder, image_name(i)))))
+        images.append(img.convert("RGB"))
+    return images, len(todo)

@@ -1,0 +1,403 @@
+"""One batch, one subject at a time: skip if done -> fetch -> priors -> train -> sample -> publish.
+
+Every stage is idempotent and its results live in the output store, so a rerun (on any machine) redoes only
+what is missing: `_SUCCESS` means done; `_stage.json` says the fine-tuned model is stored (a rerun samples
+and publishes without training again); stored checkpoints resume training; stored priors and sample images
+are not made again. `_SUCCESS` is always written last. One subject failing never stops the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+import traceback
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from dbbatch import __version__, faults, signals
+from dbbatch.errors import DbbatchError, ImageError, InputError, Preempted
+from dbbatch.manifest import Manifest, Subject
+from dbbatch.storage import Storage, join, redact
+
+log = logging.getLogger(__name__)
+
+SUCCESS = "_SUCCESS"
+STAGE = "_stage.json"
+
+
+@dataclass
+class SubjectResult:
+    id: str
+    status: str  # succeeded | skipped | failed | preempted
+    output: str
+    steps: int = 0
+    final_loss: Optional[float] = None
+    seconds: float = 0.0
+    error_class: Optional[str] = None
+    message: Optional[str] = None
+
+
+@dataclass
+class RunOptions:
+    output: str
+    prior_cache: str
+    work_dir: Path
+    force: bool = False
+    debug: bool = False
+    run_id: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6])
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"dbbatch": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "diffusers", "transformers", "pytorch-lightning", "torchdata"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+class Batch:
+    """Runs subjects against one base model that is loaded once and restored between subjects."""
+
+    def __init__(self, manifest: Manifest, base_dir: Optional[Path], storage: Storage, options: RunOptions, reporter: Any):
+        self.manifest, self.base_dir, self.storage, self.opts, self.reporter = manifest, base_dir, storage, options, reporter
+        self._model: Any = None
+        self._class_latents: dict[str, Any] = {}  # prior key -> (mean, std): encoded once per batch
+        self.device: Any = None
+
+    # -- the base model, once per process ---------------------------------------------------------------------
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            import torch
+
+            from dbbatch.models import load_base_model
+
+            started = time.monotonic()
+            self._model = load_base_model(self.manifest.base_model, self.base_dir, self.opts.work_dir / "cache", self.storage)
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self._model.to(self.device)
+            self.model_load_seconds = time.monotonic() - started
+            log.info("base model %s loaded in %.1fs (identity %s)", self.manifest.base_model, self.model_load_seconds, self._model.identity)
+        return self._model
+
+    def state_of(self, subject: Subject) -> str:
+        out = join(self.opts.output, subject.id)
+        if self.storage.exists(join(out, SUCCESS)):
+            return "done"
+        stage = self.storage.read_json(join(out, STAGE))
+        if stage:
+            return f"model stored, {stage.get('stage')}"
+        ckpts = self.storage.list_files(join(out, "checkpoints"))
+        if ckpts:
+            from dbbatch.checkpoints import latest, step_of
+
+            return f"resumable from step {step_of(latest(ckpts))}"
+        return "pending"
+
+    def run(self, subjects: list[Subject]) -> list[SubjectResult]:
+        results: list[SubjectResult] = []
+        for subject in subjects:
+            result = self.run_one(subject)
+            results.append(result)
+            if result.status == "preempted":
+                results += [SubjectResult(s.id, "pending", join(self.opts.output, s.id)) for s in subjects[len(results):]]
+                break
+        return results
+
+    def run_one(self, subject: Subject) -> SubjectResult:
+        out = join(self.opts.output, subject.id)
+        started = time.monotonic()
+        faults.set_subject(subject.id)
+        try:
+            if not self.opts.force and self.storage.exists(join(out, SUCCESS)):
+                log.info("%s: already done (%s exists); skipped", subject.id, join(out, SUCCESS))
+                return SubjectResult(subject.id, "skipped", out)
+            metrics = SubjectRun(self, subject, out).run()
+            log.info("%s: done in %.1fs -> %s", subject.id, time.monotonic() - started, out)
+            return SubjectResult(subject.id, "succeeded", out, steps=metrics["steps"], final_loss=metrics.get("final_loss"),
+                                 seconds=time.monotonic() - started)
+        except Preempted as e:
+            log.warning("%s: %s", subject.id, e)
+            return SubjectResult(subject.id, "preempted", out, seconds=time.monotonic() - started,
+                                 error_class="Preempted", message=str(e))
+        except Exception as e:  # noqa: BLE001 - one subject never sinks the batch
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if not isinstance(e, DbbatchError):
+                message = f"{type(e).__name__}: {message}"
+            log.error("%s: failed: %s", subject.id, message)
+            if self.opts.debug or not isinstance(e, DbbatchError):
+                log.debug("".join(traceback.format_exception(e)))
+            return SubjectResult(subject.id, "failed", out, seconds=time.monotonic() - started,
+                                 error_class=type(e).__name__, message=message)
+        finally:
+            faults.set_subject(None)
+            if self._model is not None:
+                self._model.restore()
+                self._model.freeze()
+
+    def write_report(self, results: list[SubjectResult], extra: dict[str, Any]) -> dict[str, Any]:
+        report = {"run_id": self.opts.run_id, "output": self.opts.output, "base_model": self.manifest.base_model,
+                  "subjects": [asdict(r) for r in results], **extra}
+        try:
+            self.storage.write_json(join(self.opts.output, "_runs", f"{self.opts.run_id}.json"), report)
+        except DbbatchError as e:
+            log.error("could not store the run report: %s", e)
+        return report
+
+
+class SubjectRun:
+    """The stages of one subject. Attributes carry what one stage hands the next."""
+
+    def __init__(self, batch: Batch, subject: Subject, out: str):
+        self.b, self.s, self.out = batch, subject, out
+        self.storage = batch.storage
+        self.work = batch.opts.work_dir / "subjects" / subject.id
+        self.seconds: dict[str, float] = {}
+        self.label = f"{subject.id} "
+
+    def _timed(self, phase: str, started: float) -> None:
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.monotonic() - started, 3)
+
+    def run(self) -> dict[str, Any]:
+        if self.b.opts.force:
+            self.storage.remove(self.out, recursive=True)
+        model = self.b.model
+        res = self.s.resolution or model.native_resolution
+        if res % model.vae_scale_factor:
+            raise InputError(f"subject {self.s.id}: resolution {res} is not a multiple of the model's scale factor {model.vae_scale_factor}")
+        self.resolution = res
+        stage = self.storage.read_json(join(self.out, STAGE)) or {}
+
+        t = time.monotonic()
+        instance_images = self.load_instance_images()
+        self._timed("images", t)
+        if stage.get("stage") == "trained":
+            log.info("%s: fine-tuned model already stored; loading it instead of training", self.s.id)
+            train_metrics = stage["train"]
+            t = time.monotonic()
+            self.load_trained_weights()
+            self._timed("load_trained", t)
+        else:
+            t = time.monotonic()
+            klass = self.class_latents() if self.s.train.with_prior_preservation else None
+            self._timed("priors", t)
+            signals.check(f"{self.s.id} before training")
+            t = time.monotonic()
+            train_metrics = self.train(instance_images, klass)
+            self._timed("train", t)
+            t = time.monotonic()
+            self.publish_model()
+            self.storage.write_json(join(self.out, STAGE), {"stage": "trained", "train": train_metrics})
+            self._timed("publish", t)
+        t = time.monotonic()
+        self.samples()
+        self._timed("sample", t)
+        t = time.monotonic()
+        metrics = self.publish_rest(train_metrics)
+        self._timed("publish", t)
+        return metrics
+
+    # -- stages ---------------------------------------------------------------------------------------------------
+    def load_instance_images(self) -> list[Any]:
+        from dbbatch.images import decode_all, has_image_suffix
+
+        urls = self.storage.expand(self.s.images)
+        explicit = {u for u in self.s.images}
+        files = []
+        for url in urls:
+            if url not in explicit and not has_image_suffix(url):
+                log.warning("%s: skipping %s: not an image file name", self.s.id, url)
+                continue
+            files.append(url)
+        if not files:
+            raise ImageError(f"subject {self.s.id}: no images found at {', '.join(self.s.images)}")
+        data = [(u, self.storage.read_bytes(u)) for u in files]
+        images, notes = decode_all(data, self.resolution)
+        for n in notes:
+            log.warning("%s: %s", self.s.id, n)
+        log.info("%s: %d instance image(s)", self.s.id, len(images))
+        return images
+
+    def class_latents(self) -> Any:
+        from dbbatch.images import to_tensor
+        from dbbatch.priors import ensure_priors, prior_key, prior_spec
+        from dbbatch.training import latent_stats
+
+        model = self.b.model
+        key = prior_key(prior_spec(model.identity, self.s.class_prompt, self.resolution, self.s.priors)) + f":{self.s.priors.num_images}"
+        if key not in self.b._class_latents:
+            images, generated = ensure_priors(
+                model, self.s.class_prompt, self.resolution, self.s.priors, self.b.opts.prior_cache, self.storage,
+                self.b.reporter, self.label, should_stop=lambda: signals.check(f"{self.s.id} during prior generation"),
+            )
+            self.priors_generated = generated
+            self.b._class_latents[key] = latent_stats(model.vae, to_tensor(images))
+        else:
+            self.priors_generated = 0
+        return self.b._class_latents[key]
+
+    def train(self, instance_images: list[Any], klass: Any) -> dict[str, Any]:
+        from dbbatch.checkpoints import StoreCheckpoints, latest, read_meta, resume_warnings
+        from dbbatch.images import to_tensor
+        from dbbatch.sampling import encode_prompts
+        from dbbatch.training import DreamBoothModule, LatentPairs, TextInputs, fit, latent_stats, make_loader
+
+        model, cfg = self.b.model, self.s.train
+        if cfg.optimizer == "adamw8bit":
+            _require_bitsandbytes(self.s.id)
+        instance = latent_stats(model.vae, to_tensor(instance_images))
+        with_class = klass is not None
+        if cfg.train_text_encoder:
+            ids = lambda p: model.tokenizer([p], padding="max_length", max_length=model.tokenizer.model_max_length,  # noqa: E731
+                                            truncation=True, return_tensors="pt").input_ids
+            text = TextInputs(ids(self.s.instance_prompt), ids(self.s.class_prompt) if with_class else None, are_ids=True)
+            model.text_encoder.requires_grad_(True).train()
+        else:
+            text = TextInputs(encode_prompts(model, [self.s.instance_prompt], self.b.device).cpu(),
+                              encode_prompts(model, [self.s.class_prompt], self.b.device).cpu() if with_class else None, are_ids=False)
+        model.unet.requires_grad_(True).train()
+        if cfg.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+        meta = {"base_model": model.identity, "subject": self.s.id, "train": cfg.model_dump()}
+        module = DreamBoothModule(model.unet, model.text_encoder if cfg.train_text_encoder else None, text, cfg,
+                                  model.scheduler_config, model.vae.config.scaling_factor, meta)
+        loader = make_loader(LatentPairs(instance, klass), cfg.batch_size, cfg.seed)
+
+        ckpt_remote = join(self.out, "checkpoints")
+        resume_url = latest(self.storage.list_files(ckpt_remote))
+        resume_path, resumed_from = None, None
+        if resume_url is not None:
+            local = self.storage.fetch(resume_url, self.work / "resume" / resume_url.rsplit("/", 1)[-1])
+            for note in resume_warnings(read_meta(local), model.identity, cfg, self.s.id):
+                log.warning(note)
+            resume_path = str(local)
+            from dbbatch.checkpoints import step_of
+
+            resumed_from = step_of(resume_url)
+            log.info("%s: resuming from %s", self.s.id, resume_url)
+        checkpointer = StoreCheckpoints(self.storage, ckpt_remote, self.work / "checkpoints", cfg.checkpoint_every,
+                                        cfg.checkpoints_keep, cfg.max_steps)
+        task = self.b.reporter.start(f"{self.label}train", total=cfg.max_steps, unit="step") if self.b.reporter else None
+        try:
+            if task is not None and resumed_from:
+                task.set(resumed_from)
+            result = fit(module, loader, cfg, checkpointer, self.work / "logs", resume_path, task)
+        finally:
+            if task is not None:
+                task.close()
+            if cfg.gradient_checkpointing:
+                model.unet.disable_gradient_checkpointing()
+        model.to(self.b.device)  # Lightning's teardown moved the trained modules to the CPU
+        losses = result.losses
+        return {
+            "steps": result.steps, "final_loss": losses[-1] if losses else None,
+            "mean_loss": sum(losses) / len(losses) if losses else None, "loss_curve": losses,
+            "resumed_from_step": resumed_from, "checkpoint_seconds": result.checkpoint_seconds,
+            "checkpoint_bytes": result.checkpoint_bytes, "priors_generated": getattr(self, "priors_generated", 0),
+            "instance_images": len(instance_images),
+        }
+
+    def publish_model(self) -> None:
+        """The fine-tuned pipeline as a diffusers folder (safetensors), uploaded before the stage is recorded."""
+        import torch
+
+        from dbbatch.models import save_folder, save_delta
+
+        model = self.b.model
+        local = self.work / "model"
+        dtype = torch.float16 if self.b.manifest.output_dtype == "fp16" else None
+        if self.b.manifest.model_format == "delta":
+            save_delta(model, local, self.s.train.train_text_encoder, dtype)
+        else:
+            from diffusers import DDIMScheduler
+
+            comps = dict(unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                         scheduler=DDIMScheduler.from_config(model.scheduler_config))
+            save_folder(comps, local, dtype)
+        self.storage.upload_tree(local, join(self.out, "model"))
+
+    def load_trained_weights(self) -> None:
+        from safetensors.torch import load_file
+
+        model = self.b.model
+        for name in ("unet", "text_encoder") if self.s.train.train_text_encoder else ("unet",):
+            folder = join(self.out, "model", name)
+            for url in self.storage.list_files(folder):
+                if url.endswith(".safetensors"):
+                    local = self.storage.fetch(url, self.work / "trained" / name / url.rsplit("/", 1)[-1])
+                    state = load_file(str(local))
+                    module = getattr(model, name)
+                    ref = module.state_dict()
+                    module.load_state_dict({k: v.to(ref[k].dtype) for k, v in state.items()}, strict=False)
+
+    def samples(self) -> None:
+        from PIL import Image
+
+        from dbbatch.images import png_bytes
+        from dbbatch.sampling import generate, make_grid
+
+        cfg = self.s.samples
+        prompts = self.s.sample_prompts()
+        folder = join(self.out, "samples")
+        names = [[f"prompt{r:02d}-seed{seed}.png" for seed in cfg.seeds] for r in range(len(prompts))]
+        stored = {u.rsplit("/", 1)[-1] for u in self.storage.list_files(folder)}
+        todo = [(r, c) for r in range(len(prompts)) for c in range(len(cfg.seeds)) if names[r][c] not in stored]
+        task = self.b.reporter.start(f"{self.label}samples", total=len(todo), unit="img") if (self.b.reporter and todo) else None
+        model = self.b.model
+        model.unet.eval()
+
+        def store(j: int, img: Image.Image, chunk: list[tuple[int, int]]) -> None:
+            r, c = chunk[j]
+            self.storage.write_bytes(join(folder, names[r][c]), png_bytes(img))
+            if task:
+                task.advance()
+
+        for start in range(0, len(todo), cfg.batch_size):
+            signals.check(f"{self.s.id} during sampling")
+            chunk = todo[start : start + cfg.batch_size]
+            generate(model, [prompts[r] for r, _ in chunk], [cfg.seeds[c] for _, c in chunk], self.resolution, cfg.steps,
+                     cfg.guidance_scale, cfg.negative_prompt, cfg.batch_size, on_image=lambda j, img, ch=chunk: store(j, img, ch))
+        if task:
+            task.close()
+        import io
+
+        images = [Image.open(io.BytesIO(self.storage.read_bytes(join(folder, n)))).convert("RGB") for row in names for n in row]
+        self.storage.write_bytes(join(folder, "grid.png"), png_bytes(make_grid(images, len(cfg.seeds))))
+        self.storage.write_json(join(folder, "prompts.json"), {"rows": prompts, "columns": cfg.seeds, "files": names})
+
+    def publish_rest(self, train_metrics: dict[str, Any]) -> dict[str, Any]:
+        logs = self.work / "logs"
+        if logs.exists():
+            self.storage.upload_tree(logs, join(self.out, "logs"))
+        config = {
+            "subject": self.s.model_dump(mode="json"), "resolution": self.resolution,
+            "base_model": self.b.manifest.base_model, "base_model_identity": self.b.model.identity,
+            "output": self.b.opts.output, "output_dtype": self.b.manifest.output_dtype,
+            "model_format": self.b.manifest.model_format,
+            "storage_options": redact(self.b.manifest.storage_options),
+        }
+        self.storage.write_text(join(self.out, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
+        metrics = {**train_metrics, "seconds": self.seconds, "versions": versions(), "run_id": self.b.opts.run_id,
+                   "device": str(self.b.device), "resolution": self.resolution}
+        self.storage.write_json(join(self.out, "metrics.json"), metrics)
+        self.storage.write_text(join(self.out, SUCCESS), f"{self.b.opts.run_id}\n")
+        return metrics
+
+
+def _require_bitsandbytes(subject_id: str) -> None:
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+        raise InputError(f"subject {subject_id}: train.optimizer adamw8bit needs bitsandbytes installed and a GPU; use adamw")
