@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 import time
 import traceback
 import uuid
@@ -391,6 +392,9 @@ class SubjectRun:
                    "device": str(self.b.device), "resolution": self.resolution}
         self.storage.write_json(join(self.out, "metrics.json"), metrics)
         self.storage.write_text(join(self.out, SUCCESS), f"{self.b.opts.run_id}\n")
+        # Done: resume state is dead weight now (for SD 1.5 several GB per subject), local scratch too.
+        self.storage.remove(join(self.out, "checkpoints"), recursive=True)
+        shutil.rmtree(self.work, ignore_errors=True)
         return metrics
 
 
