@@ -129,8 +129,9 @@ class StoreCheckpoints(pl.Callback):
             stored = self.storage.list_files(self.remote_dir)
             for old in prunable(stored, self.keep):
                 self.storage.remove(old)
-            for old in prunable([str(p) for p in self.local_dir.glob("step-*.ckpt")], 1):
-                Path(old).unlink(missing_ok=True)
+        for other in self.local_dir.glob("step-*.ckpt"):  # the store keeps history; local scratch only the newest
+            if other != local:
+                other.unlink(missing_ok=True)
         self.last_saved = step
         self.sizes.append(local.stat().st_size)
         self.save_seconds.append(time.monotonic() - started)

@@ -18,6 +18,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
@@ -66,12 +67,61 @@ class LatentPairs(Dataset):
         return item
 
 
-def make_loader(dataset: LatentPairs, batch_size: int, seed: int):
-    """A StatefulDataLoader: Lightning saves its position in checkpoints, so a resume continues mid-epoch."""
-    from torchdata.stateful_dataloader import StatefulDataLoader
+class EpochShuffle(torch.utils.data.Sampler):
+    """A permutation per epoch that depends only on (seed, epoch).
 
-    return StatefulDataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0,
-                              generator=torch.Generator().manual_seed(seed), drop_last=False)
+    Lightning calls `set_epoch` at each epoch start with the epoch restored from a checkpoint, and the
+    StatefulDataLoader skips the batches already yielded in that epoch, so after a resume the order is exactly
+    the uninterrupted one. (A generator carried across epochs, as in torchdata's stateful RandomSampler, came
+    back in a different state after a mid-epoch resume here: the next epoch's order diverged.)
+    """
+
+    def __init__(self, num_items: int, seed: int):
+        self.num_items, self.seed, self.epoch = num_items, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_items, generator=g).tolist())
+
+
+class ConsumedPositionLoader(StatefulDataLoader):
+    """A StatefulDataLoader whose saved position is the batches training consumed, not fetched.
+
+    Lightning's training loop fetches one batch ahead (to know an epoch's last batch), so the plain loader
+    state in a mid-epoch checkpoint is one batch ahead of training, and a resume would skip a batch (seen here:
+    the first step after a resume differed). This loader remembers its state after each batch it hands out;
+    the module counts the batches that reached training_step and saves the matching state.
+    """
+
+    def __iter__(self):
+        inner = super().__iter__()
+        self.states_after = {0: StatefulDataLoader.state_dict(self)}  # batches handed out -> loader state
+        self.consumed = 0
+
+        def batches():
+            for n, batch in enumerate(inner, start=1):
+                self.states_after[n] = StatefulDataLoader.state_dict(self)
+                yield batch
+
+        return batches()
+
+    def mark_consumed(self) -> None:
+        self.states_after.pop(self.consumed, None)  # only this and later positions can still be saved
+        self.consumed += 1
+
+    def consumed_state_dict(self) -> dict[str, Any]:
+        return self.states_after[self.consumed]
+
+
+def make_loader(dataset: LatentPairs, batch_size: int, seed: int) -> ConsumedPositionLoader:
+    return ConsumedPositionLoader(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed),
+                                  num_workers=0, drop_last=False)
 
 
 def rng_state() -> dict[str, Any]:
@@ -121,7 +171,7 @@ class DreamBoothModule(pl.LightningModule):
         self.meta = meta
         self.noise_rng = torch.Generator().manual_seed(train.seed)
         self.losses: list[float] = []
-        self.fault_step: Optional[int] = None  # test hook, see faults.py
+        self.loader: Any = None  # set by fit(): its consumed position goes into checkpoints
 
     def _encoder_states(self, batch_size: int, with_class: bool) -> torch.Tensor:
         parts = [self.text.instance.expand(batch_size, *self.text.instance.shape[1:])]
@@ -136,6 +186,8 @@ class DreamBoothModule(pl.LightningModule):
         from dbbatch import faults
 
         faults.on_train_step(self.global_step)
+        if self.loader is not None:
+            self.loader.mark_consumed()
         with_class = "cls_mean" in batch
         mean, std = batch["inst_mean"], batch["inst_std"]
         n = mean.shape[0]
@@ -157,12 +209,11 @@ class DreamBoothModule(pl.LightningModule):
         loss, inst, prior = dreambooth_loss(pred, target, n, self.cfg.prior_loss_weight)
         self.log_dict({"loss": loss, "instance_loss": inst, "prior_loss": prior}, on_step=True, prog_bar=False)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
-        self._last_loss = loss.detach()
+        # Recorded here, not in on_train_batch_end: checkpoint callbacks run before the module's own hook.
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            self.losses.append(float(loss.detach()))
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
-            self.losses.append(float(self._last_loss))
 
     def configure_optimizers(self) -> Any:
         from diffusers.optimization import get_scheduler
@@ -184,13 +235,28 @@ class DreamBoothModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        sampler_epoch = self.current_epoch
+        if self.loader is not None and fit_state.get("combined_loader"):
+            position = self.loader.consumed_state_dict()
+            if position["_num_yielded"] >= len(self.loader):
+                # Saved after an epoch's last batch: Lightning resumes with the next epoch, so the loader must
+                # start that epoch afresh (its "end of epoch" state would make the next epoch look empty).
+                fit_state["combined_loader"] = []
+                sampler_epoch += 1
+            else:
+                fit_state["combined_loader"] = [position]
         checkpoint["dbbatch"] = {
             "format": CHECKPOINT_FORMAT, **self.meta, "losses": list(self.losses),
-            "noise_rng": self.noise_rng.get_state(), "rng": rng_state(),
+            "noise_rng": self.noise_rng.get_state(), "rng": rng_state(), "sampler_epoch": sampler_epoch,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["dbbatch"]
+        if self.loader is not None:
+            # Lightning fetches the first batch after a resume before it calls set_epoch: give the sampler
+            # the checkpoint's epoch now, or that batch would come from epoch 0's order.
+            self.loader.sampler.set_epoch(state["sampler_epoch"])
         self.losses = list(state["losses"])
         self.noise_rng.set_state(state["noise_rng"])
         set_rng_state(state["rng"])
@@ -219,10 +285,12 @@ def fit(module: DreamBoothModule, loader: Any, train: Any, checkpointer: Any, lo
     # Lightning sets its own logger to INFO when imported; its device banners and tips are noise in a batch log.
     if not logging.getLogger("dbbatch").isEnabledFor(logging.DEBUG):
         logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    module.loader = loader
     callbacks = [checkpointer]
     if progress is not None:
         callbacks.append(_ProgressCallback(progress))
     on_gpu = torch.cuda.is_available()
+    pl.seed_everything(train.seed, workers=True, verbose=False)  # global RNGs too, so runs are reproducible
     trainer = pl.Trainer(
         accelerator="auto", devices=train.devices, max_steps=train.max_steps, max_epochs=-1,
         precision=precision_of(train.mixed_precision), accumulate_grad_batches=train.gradient_accumulation,

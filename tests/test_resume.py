@@ -1,0 +1,162 @@
+"""Preemption safety: SIGKILL at a chosen step then rerun == uninterrupted run, bit for bit; SIGTERM -> 143."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import cli_env, draw_subject, run_cli, tiny_manifest
+
+STEPS, EVERY = 12, 4
+
+
+def _manifest(tmp: Path, name: str, train_text_encoder: bool = False, every: int = EVERY, **train) -> Path:
+    if not (tmp / "imgs" / "rex").exists():
+        draw_subject(tmp / "imgs" / "rex")  # 3 images: an epoch is 3 steps, so kills land mid-epoch
+    return tiny_manifest(tmp / f"{name}.yaml", name, [{"id": "rex", "token": "sks", "class_noun": "dog", "images": "imgs/rex/"}],
+                         defaults={"resolution": 32,
+                                   "train": {"max_steps": STEPS, "checkpoint_every": every, "learning_rate": 1e-4,
+                                             "train_text_encoder": train_text_encoder, **train},
+                                   "priors": {"num_images": 2, "steps": 2, "batch_size": 2},
+                                   "samples": {"prompts": ["a photo of {token} {class_noun}"], "seeds": [0], "steps": 2}})
+
+
+def _start_paused(manifest: Path, work: Path, step: int) -> tuple[subprocess.Popen, Path]:
+    """Start `dbbatch run` that stops before optimizer step `step`+1 and wait until it is there."""
+    marker = work.parent / f"paused-{work.name}"
+    env = cli_env(DBBATCH_WORK_DIR=str(work), DBBATCH_FAULTS=f"pause_at_step={step}", DBBATCH_FAULT_MARKER=str(marker))
+    proc = subprocess.Popen([sys.executable, "-m", "dbbatch", "run", str(manifest)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None, f"dbbatch exited early: {proc.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, "dbbatch never reached the pause step"
+        time.sleep(0.05)
+    return proc, marker
+
+
+def _trained(out: Path, component: str = "unet") -> dict[str, torch.Tensor]:
+    name = "diffusion_pytorch_model.safetensors" if component == "unet" else "model.safetensors"
+    return load_file(str(out / "rex" / "model" / component / name))
+
+
+def _losses(out: Path) -> list[float]:
+    return json.loads((out / "rex" / "metrics.json").read_text())["loss_curve"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[bool, Path]:
+    """Reference runs without interruption, with and without text-encoder training."""
+    tmp = tmp_path_factory.mktemp("reference")
+    outs = {}
+    for te in (False, True):
+        name = f"ref-te{int(te)}"
+        proc = run_cli("run", str(_manifest(tmp, name, te)), env=cli_env(DBBATCH_WORK_DIR=str(tmp / f"w-{name}")))
+        assert proc.returncode == 0, proc.stderr
+        outs[te] = tmp / name
+    return outs
+
+
+# An epoch is 3 steps (3 instance images): step 4 and 8 checkpoints are mid-epoch, step 6 one is at an epoch's end.
+@pytest.mark.parametrize("kill_step,every,train_te", [(5, 4, False), (7, 3, False), (10, 4, True)])
+def test_sigkill_then_rerun_is_bitwise_identical(tmp_path: Path, uninterrupted, kill_step: int, every: int, train_te: bool):
+    m = _manifest(tmp_path, "killed", train_te, every=every)
+    proc, _ = _start_paused(m, tmp_path / "pod1", kill_step)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    stored = sorted(p.name for p in (tmp_path / "killed" / "rex" / "checkpoints").glob("*.ckpt"))
+    last = kill_step // every * every
+    assert stored == [f"step-{last:07d}.ckpt"], stored  # checkpoints_keep=1: older ones pruned
+    assert not (tmp_path / "killed" / "rex" / "_SUCCESS").exists()
+
+    # a new pod: fresh local work dir, everything comes from the output store
+    rerun = run_cli("run", str(m), env=cli_env(DBBATCH_WORK_DIR=str(tmp_path / "pod2")))
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming from {tmp_path / 'killed' / 'rex' / 'checkpoints' / f'step-{last:07d}.ckpt'}" in rerun.stderr
+    assert "generating" not in rerun.stderr  # priors were stored before the kill
+    ref, got = uninterrupted[train_te], tmp_path / "killed"
+    for component in ("unet", "text_encoder") if train_te else ("unet",):
+        a, b = _trained(ref, component), _trained(got, component)
+        assert a.keys() == b.keys()
+        differing = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not differing, f"{len(differing)} {component} tensors differ, e.g. {differing[:3]}"
+    if train_te:  # and the text encoder really was trained
+        base = load_file(str(tmp_path / "pod2" / "cache" / "models" / "builtin-tiny-sd-v1" / "text_encoder" / "model.safetensors"))
+        assert any(not torch.equal(base[k], _trained(got, "text_encoder")[k]) for k in base)
+    assert _losses(got) == _losses(ref)
+    assert json.loads((got / "rex" / "metrics.json").read_text())["resumed_from_step"] == last
+
+
+def test_sigterm_stores_a_checkpoint_and_exits_143(tmp_path: Path, uninterrupted):
+    m = _manifest(tmp_path, "termed")
+    proc, _ = _start_paused(m, tmp_path / "pod1", 7)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    took = time.monotonic() - sent
+    assert proc.returncode == 143, stderr
+    assert "SIGTERM to exit took" in stderr
+    assert took < 30
+    stored = sorted(p.name for p in (tmp_path / "termed" / "rex" / "checkpoints").glob("*.ckpt"))
+    # SIGTERM came during step 8: that step is finished, then checkpointed (the periodic one, step 4, is pruned)
+    assert stored == ["step-0000008.ckpt"]
+    report = json.loads(next((tmp_path / "termed" / "_runs").glob("*.json")).read_text())
+    assert report["preempted"] is True and report["subjects"][0]["status"] == "preempted"
+
+    rerun = run_cli("run", str(m), env=cli_env(DBBATCH_WORK_DIR=str(tmp_path / "pod2")))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "step-0000008.ckpt" in rerun.stderr
+    a, b = _trained(uninterrupted[False]), _trained(tmp_path / "termed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_holds_only_trainable_weights(tmp_path: Path):
+    for te in (False, True):
+        m = _manifest(tmp_path, f"ck{int(te)}", te)
+        proc, _ = _start_paused(m, tmp_path / f"pod{int(te)}", 5)
+        proc.kill()
+        proc.wait()
+        ckpt_path = next((tmp_path / f"ck{int(te)}" / "rex" / "checkpoints").glob("*.ckpt"))
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # nothing unpickled
+        prefixes = {k.split(".", 1)[0] for k in ckpt["state_dict"]}
+        assert prefixes == ({"unet", "text_encoder"} if te else {"unet"})
+        assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+        assert set(ckpt["dbbatch"]["rng"]) == {"torch", "numpy", "python"}
+        assert "combined_loader" in json.dumps(list(ckpt["loops"]["fit_loop"]["state_dict"].keys()))
+        model_dir = tmp_path / f"pod{int(te)}" / "cache" / "models" / "builtin-tiny-sd-v1"
+        unet_bytes = (model_dir / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+        te_bytes = (model_dir / "text_encoder" / "model.safetensors").stat().st_size
+        trainable = unet_bytes + (te_bytes if te else 0)
+        # weights + two Adam moments, about 3x the trainable weights; no frozen VAE or text encoder inside
+        assert 2.5 * trainable < ckpt_path.stat().st_size < 3.3 * trainable
+
+
+def test_resume_warns_on_changed_settings_and_refuses_another_base_model(tmp_path: Path, tiny_model_dir: Path):
+    m = _manifest(tmp_path, "changed")
+    proc, _ = _start_paused(m, tmp_path / "pod1", 5)
+    proc.kill()
+    proc.wait()
+    changed = _manifest(tmp_path, "changed", learning_rate=2e-4)
+    rerun = run_cli("run", str(changed), env=cli_env(DBBATCH_WORK_DIR=str(tmp_path / "pod2"), DBBATCH_FAULTS="pause_at_step=999"))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "train.learning_rate changed since the checkpoint (0.0001 -> 0.0002); the checkpoint" in rerun.stderr
+
+    other = _manifest(tmp_path, "other")
+    proc, _ = _start_paused(other, tmp_path / "pod3", 5)
+    proc.kill()
+    proc.wait()
+    text = other.read_text().replace("builtin:tiny-sd", str(tiny_model_dir))
+    other.write_text(text)
+    refused = run_cli("run", str(other), env=cli_env(DBBATCH_WORK_DIR=str(tmp_path / "pod4")))
+    assert refused.returncode == 1
+    assert "stored checkpoint was trained from base model 'builtin:tiny-sd:v1:seed1234'" in refused.stderr
+    assert "Traceback" not in refused.stderr
