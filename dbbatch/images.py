@@ -11,7 +11,8 @@ Rules (tested in tests/test_images.py and tests/test_hostile_inputs.py):
   a tracking pixel carries nothing to learn); between MIN_SIDE and the training resolution it is upscaled,
   with a warning.
 - EXIF orientation (1-8) is applied; every mode (CMYK, 16-bit, grayscale, palette with transparency, RGBA)
-  becomes 8-bit RGB, transparent areas composited onto white; an animated image uses its first frame, warned.
+  becomes 8-bit RGB, transparent areas composited onto white; an animated image uses its first frame, warned
+  (a phone's multi-picture JPEG, MPO, uses its first picture silently).
 - Identical files (same bytes) are used once, warned. System files (.DS_Store, Thumbs.db) never get here:
   listing drops them silently (storage.expand).
 """
@@ -92,9 +93,10 @@ def decode(data: bytes, name: str) -> tuple[Image.Image, list[str]]:
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise _too_many_pixels(name, f"{w}x{h} = {w * h:,} pixels")
-            if getattr(img, "n_frames", 1) > 1:
+            # MPO: a phone JPEG with extra pictures (depth map, preview); the first is the photo, nothing to say
+            if getattr(img, "n_frames", 1) > 1 and img.format != "MPO":
                 notes.append(f"{name}: animated image with {img.n_frames} frames; using the first frame")
-                img.seek(0)
+            img.seek(0)
             img.load()
     except ImageError:
         raise

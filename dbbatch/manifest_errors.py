@@ -199,6 +199,8 @@ def load_yaml(text: str, source: str) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if "'\\t'" in problem:
+            problem += "; indent with spaces: YAML does not allow tabs"
         raise ManifestError([f"not valid YAML{where}: {problem}"], source) from None
     except RecursionError:
         raise ManifestError(["not valid YAML: nested hundreds of levels deep; a manifest is a few levels of keys"], source) from None

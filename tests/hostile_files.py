@@ -84,6 +84,12 @@ def animated_gif(colors=(GREEN, RED, BLUE), size=(48, 48)) -> bytes:
     return save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
 
 
+def phone_mpo(size=(48, 48)) -> bytes:
+    """A JPEG with a second picture attached (MPO), as phones save portrait-mode photos: red photo, blue extra."""
+    extra = Image.new("RGB", (size[0] // 2, size[1] // 2), BLUE)
+    return save(Image.new("RGB", size, RED), "MPO", save_all=True, append_images=[extra])
+
+
 # EXIF orientation, from the EXIF 2.3 specification: where the stored image's row 0 and column 0 lie in the
 # picture as it should be shown. Written out here, not taken from PIL, so the test checks PIL against the spec.
 #   value: (row 0 is the picture's ..., column 0 is the picture's ...)

@@ -138,6 +138,9 @@ TYPO_TRAIN = {"max_step": 5}
 MANIFEST_CASES = [
     ManifestCase("not-yaml", "output: out\nsubjects: [{id: rex, token: sks\n", 2, [
         "m.yaml: not valid YAML at line 3, column 1: expected ',' or '}', but got '<stream end>'"]),
+    ManifestCase("yaml-tab-indent", "output: out\nsubjects:\n\t- {id: rex, token: sks, class_noun: dog, images: imgs/}\n", 2, [
+        "m.yaml: not valid YAML at line 3, column 1: found character '\\t' that cannot start any token; indent with "
+        "spaces: YAML does not allow tabs"]),
     ManifestCase("yaml-not-a-mapping", "- rex\n- tom\n", 2, [
         "m.yaml: the top level must be a mapping of keys (version, output, subjects, ...), got a list: ['rex', 'tom']"]),
     ManifestCase("empty-file", "", 2, ["m.yaml: the file is empty; see manifests/demo.yaml for a starting point"]),
@@ -377,7 +380,7 @@ def _write_images(d: Path) -> None:
     good = draw_subject(d / "good", n=2, size=48)
     for name, data in {"cmyk.jpg": hf.cmyk_jpeg(), "scan16.png": hf.gray16_png(), "gray.png": hf.gray_png(),
                        "logo.png": hf.palette_transparent_png(), "anim.gif": hf.animated_gif(),
-                       "phone.jpg": hf.exif_jpeg(6), "img9-copy.png": (good / "img0.png").read_bytes(),
+                       "phone.jpg": hf.exif_jpeg(6), "portrait.jpg": hf.phone_mpo(), "img9-copy.png": (good / "img0.png").read_bytes(),
                        ".DS_Store": b"\0\0\0\1Bud1" + b"\0" * 64, "Thumbs.db": b"\xd0\xcf\x11\xe0" + b"\0" * 64,
                        "._img0.png": b"\0\5\x16\7" + b"\0" * 64}.items():
         (good / name).write_bytes(data)
@@ -513,14 +516,15 @@ def test_awkward_but_usable_photos_are_used_with_warnings_and_junk_is_ignored_si
     ]
     for line in [w for w in batch.warnings if w.startswith("good: ")]:
         record("run/good (subject succeeded, warning)", line.replace(str(batch.dir), "<dir>"))
-    silent = ["cmyk.jpg", "scan16.png", "gray.png", "logo.png", "phone.jpg", ".DS_Store", "Thumbs.db", "._img0.png"]
+    silent = ["cmyk.jpg", "scan16.png", "gray.png", "logo.png", "phone.jpg", "portrait.jpg", ".DS_Store", "Thumbs.db",
+              "._img0.png"]
     for name in silent:
         assert name not in batch.proc.stderr + batch.proc.stdout
-    record("run/good (subject succeeded, no line)", "CMYK, 16-bit, grayscale, palette+transparency and EXIF-rotated "
-           "photos are converted silently; .DS_Store, Thumbs.db and ._* files are ignored silently")
+    record("run/good (subject succeeded, no line)", "CMYK, 16-bit, grayscale, palette+transparency, EXIF-rotated and "
+           "multi-picture (MPO) photos are converted silently; .DS_Store, Thumbs.db and ._* files are ignored silently")
     metrics = json.loads((batch.dir / "out" / "good" / "metrics.json").read_text())
-    # img0, img1, cmyk, scan16, gray, logo, anim, phone: the copy is dropped, the system files never listed
-    assert metrics["instance_images"] == 8
+    # img0, img1, cmyk, scan16, gray, logo, anim, phone, portrait: the copy is dropped, system files never listed
+    assert metrics["instance_images"] == 9
 
 
 def test_report_lists_every_subject_with_status_class_and_message(batch: Batch):

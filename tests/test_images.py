@@ -70,6 +70,12 @@ def test_animated_gif_uses_the_first_frame_and_says_so():
     assert notes == ["anim.gif: animated image with 3 frames; using the first frame"]
 
 
+def test_phone_multi_picture_jpeg_uses_the_photo_silently():
+    img, notes = decode(hf.phone_mpo(), "portrait.jpg")
+    assert img.size == (48, 48) and close_to(img.getpixel((5, 5)), hf.RED, tolerance=10)
+    assert notes == []
+
+
 def test_bomb_is_refused_from_the_header_quickly():
     data = hf.bomb_png()
     assert len(data) < 1024 * 1024
