@@ -19,7 +19,7 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 
 from dbbatch import faults, signals
-from dbbatch.errors import CheckpointError, Preempted
+from dbbatch.errors import CheckpointError, Preempted, StorageError
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"step-(\d+)\.ckpt$")
@@ -55,16 +55,18 @@ def prunable(urls: list[str], keep: int) -> list[str]:
     return [u for _, u in ordered[: max(0, len(ordered) - keep)]]
 
 
-def read_meta(path: Path) -> dict[str, Any]:
-    """dbbatch's part of a checkpoint, loaded with weights_only=True: nothing from storage is unpickled."""
+def read_meta(path: Path, source: Optional[str] = None) -> dict[str, Any]:
+    """dbbatch's part of a checkpoint, loaded with weights_only=True: nothing from storage is unpickled.
+    `source` (the stored URL) names the file in errors."""
     import torch
 
+    name = source or path.name
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
-        raise CheckpointError(f"checkpoint {path.name} cannot be read ({type(e).__name__}); delete it to start over") from None
-    if "dbbatch" not in ckpt:
-        raise CheckpointError(f"checkpoint {path.name} was not written by dbbatch")
+        raise CheckpointError(f"checkpoint {name} cannot be read ({type(e).__name__}); delete it to start over") from None
+    if not isinstance(ckpt, dict) or "dbbatch" not in ckpt:
+        raise CheckpointError(f"checkpoint {name} was not written by dbbatch; delete it to start over")
     return ckpt["dbbatch"]
 
 
@@ -122,6 +124,10 @@ class StoreCheckpoints(pl.Callback):
             faults.on_checkpoint_write(tmp)
             trainer.save_checkpoint(tmp, weights_only=False)  # False: optimizer and loop state too
             os.replace(tmp, local)
+        except OSError as e:
+            raise StorageError(f"cannot write checkpoint {name} in {self.local_dir} ({e.strerror or e}); checkpoints already "
+                               f"stored in {self.remote_dir} are intact: free space in the work dir (--work-dir) and rerun "
+                               "to resume") from e
         finally:
             tmp.unlink(missing_ok=True)
         if trainer.is_global_zero:

@@ -10,13 +10,15 @@ Exit codes (a contract the Kubernetes Job's podFailurePolicy relies on):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
+import click
 import typer
 
 from dbbatch.errors import DbbatchError, InputError, ManifestError, Preempted, StorageError
@@ -54,6 +56,8 @@ def _setup_logging(debug: bool) -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*torchvision.*")
+    # torchdata's StatefulDataLoader constructor calls a deprecated torch API; two lines of noise per subject
+    warnings.filterwarnings("ignore", message=".*set_vital.*")
     warnings.filterwarnings("ignore", message=".*low_cpu_mem_usage.*")
 
 
@@ -68,11 +72,10 @@ def _quiet_libraries() -> None:
 
 
 def _fail(exc: BaseException) -> "typer.Exit":
-    """Print one line for a known error and return the exit to raise."""
+    """Print one line for a known error (one per problem of a manifest) and return the exit to raise."""
     if isinstance(exc, ManifestError):
-        log.error("invalid manifest %s:", exc.source)
         for p in exc.problems:
-            log.error("  %s", p)
+            log.error("%s: %s", exc.source, p)
         return typer.Exit(EXIT_INVALID)
     log.error("%s", exc)
     if _debug:
@@ -86,6 +89,31 @@ def _fail(exc: BaseException) -> "typer.Exit":
     return typer.Exit(EXIT_FAILED)
 
 
+def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Known errors become their one line and exit code; anything else (a bug, or a library failing in a way
+    we did not foresee) becomes one line too, with the traceback only under --debug."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit,
+                KeyboardInterrupt):
+            raise
+        except DbbatchError as e:
+            raise _fail(e) from None
+        except Exception as e:  # noqa: BLE001 - the last line of defence against a traceback
+            first = str(e).splitlines()[0][:300] if str(e) else ""
+            log.error("unexpected error: %s%s%s", type(e).__name__, ": " if first else "", first)
+            if _debug:
+                log.exception("details")
+            else:
+                log.error("rerun with --debug for the traceback, and report it if the line above does not say what to fix")
+            raise typer.Exit(EXIT_FAILED) from None
+
+    return wrapper
+
+
 def _load(manifest_path: Path):
     from dbbatch.manifest import load_manifest
 
@@ -93,6 +121,7 @@ def _load(manifest_path: Path):
 
 
 @app.command()
+@_one_line_errors
 def validate(
     manifest: Path = typer.Argument(..., help="The manifest YAML."),
     output: Optional[str] = typer.Option(None, "--output", help="Override the manifest's output location."),
@@ -104,23 +133,25 @@ def validate(
     from dbbatch.storage import Storage
     from dbbatch.validation import check_manifest, locations
 
-    try:
-        m, base_dir = _load(manifest)
-        out, cache = locations(m, base_dir, output)
-        storage = Storage(m.storage_options)
-        if check_remote:
-            _quiet_libraries()
-        problems, warnings = check_manifest(m, base_dir, storage, check_remote, out, cache)
-    except DbbatchError as e:
-        raise _fail(e) from None
-    for w in warnings:
-        log.warning("%s", w)
-    if problems:
-        raise _fail(ManifestError(problems, str(manifest)))
+    m, base_dir = _load(manifest)
+    out, cache = locations(m, base_dir, output)
+    storage = Storage(m.storage_options)
+    if check_remote:
+        _quiet_libraries()
+    found = check_manifest(m, base_dir, storage, check_remote, out, cache)
+    for w in found.warnings:
+        log.warning("%s: %s", manifest, w)
+    for p in found.problems + found.storage:
+        log.error("%s: %s", manifest, p)
+    if found.problems:
+        raise typer.Exit(EXIT_INVALID)
+    if found.storage:
+        raise typer.Exit(EXIT_STORAGE)
     typer.echo(f"{manifest}: OK ({len(m.subjects)} subject(s), output {out})")
 
 
 @app.command()
+@_one_line_errors
 def run(
     manifest: Path = typer.Argument(..., help="The manifest YAML."),
     output: Optional[str] = typer.Option(None, "--output", help="Override the manifest's output location."),
@@ -142,17 +173,17 @@ def run(
     from dbbatch.manifest import resolve_subjects
     from dbbatch.sharding import select
     from dbbatch.storage import Storage
-    from dbbatch.validation import check_manifest, locations
+    from dbbatch.validation import check_manifest, locations, writable_problem
 
     try:
         m, base_dir = _load(manifest)
         out, cache = locations(m, base_dir, output)
         storage = Storage(m.storage_options)
-        problems, warnings = check_manifest(m, base_dir, storage, False, out, cache)
-        for w in warnings:
-            log.warning("%s", w)
-        if problems:
-            raise ManifestError(problems, str(manifest))
+        found = check_manifest(m, base_dir, storage, False, out, cache)
+        for w in found.warnings:
+            log.warning("%s: %s", manifest, w)
+        if found.problems:
+            raise ManifestError(found.problems, str(manifest))
         subjects = resolve_subjects(m, base_dir)
         if only:
             unknown = sorted(set(only) - {s.id for s in subjects})
@@ -185,7 +216,9 @@ def run(
     reporter = Reporter()
     try:
         storage.reporter = reporter
-        storage.check_writable(out)
+        not_writable = writable_problem(storage, out, "output")
+        if not_writable:
+            raise StorageError(not_writable)
         batch = Batch(m, base_dir, storage, opts, reporter)
         log.info("run %s: %d subject(s) (shard %d/%d) -> %s", opts.run_id, len(subjects), shard_index, shard_count, out)
         results = batch.run(subjects)

@@ -3,14 +3,18 @@
 DBBATCH_FAULTS is a ';'-separated list:
   pause_at_step=N      before optimizer step N+1 starts, touch $DBBATCH_FAULT_MARKER and wait until SIGTERM
                        (tests then send SIGKILL or SIGTERM at a known step)
-  fail_train=ID        raise a simulated CUDA out-of-memory error in subject ID's first training step
-  disk_full_checkpoint when writing a checkpoint, raise ENOSPC after writing part of the file
+  fail_train=ID        raise a simulated CUDA out-of-memory error (torch.OutOfMemoryError, what CUDA raises) in
+                       subject ID's first training step
+  disk_full_checkpoint[=STEP]
+                       when writing a checkpoint (only the one of step STEP, if given), raise ENOSPC after
+                       writing part of the file
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -38,7 +42,9 @@ def on_train_step(step: int) -> None:
     if not f:
         return
     if f.get("fail_train") == _current_subject:
-        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB (simulated by DBBATCH_FAULTS)")
+        import torch
+
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (simulated by DBBATCH_FAULTS)")
     if "pause_at_step" in f and int(f["pause_at_step"]) == step:
         from dbbatch import signals
 
@@ -51,7 +57,9 @@ def on_train_step(step: int) -> None:
 
 
 def on_checkpoint_write(path: Path) -> None:
-    if "disk_full_checkpoint" in _faults():
+    f = _faults()
+    step = re.search(r"step-(\d+)", path.name)
+    if "disk_full_checkpoint" in f and (not f["disk_full_checkpoint"] or (step and int(step.group(1)) == int(f["disk_full_checkpoint"]))):
         with open(path, "wb") as fh:
             fh.write(b"\0" * 1024)
         raise OSError(errno.ENOSPC, "No space left on device", str(path))

@@ -6,19 +6,59 @@ or storage (token splitting, remote reachability) live in `validation.py`.
 
 from __future__ import annotations
 
-import difflib
 import re
 import string
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dbbatch.errors import ManifestError
+from dbbatch.manifest_errors import closest, load_yaml, problems_from, short
 
 SUBJECT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 PROMPT_FIELDS = {"token", "class_noun"}
+ID_RULE = "use 1-64 lower-case ASCII letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def _id_suggestion(v: str) -> Optional[str]:
+    """A safe id close to `v`, or None when `v` has characters with no ASCII equivalent."""
+    plain = "".join(c for c in unicodedata.normalize("NFKD", v) if not unicodedata.combining(c))
+    if not plain.isascii():
+        return None
+    plain = re.sub(r"[^a-z0-9._-]+", "-", plain.lower()).lstrip("._-")[:64].rstrip("-")
+    return plain if SUBJECT_ID_RE.match(plain) else None
+
+
+def id_problem(v: str) -> Optional[str]:
+    """Why `v` cannot name an output folder, or None. Ids become path segments under `output`, so anything
+    that could escape it, hide it, or collide with another id on a case-insensitive filesystem is refused."""
+    if SUBJECT_ID_RE.match(v):
+        return None
+    hint = _id_suggestion(v)
+    fix = f"use {hint!r}" if hint else ID_RULE
+    if not v:
+        return f"must not be empty; {ID_RULE}"
+    if v.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:[\\/]", v):
+        return f"{v!r} is an absolute path; an id names one folder inside output: {fix}"
+    if ".." in re.split(r"[/\\]", v) or v in (".", ".."):
+        return f"{v!r} would escape the output folder ('..' is not allowed); {fix}"
+    if "/" in v or "\\" in v:
+        return f"{v!r} contains a path separator, so it would name a nested folder; {fix}"
+    odd = next((c for c in v if not c.isascii()), None)
+    if odd is not None:
+        name = unicodedata.name(odd, "unnamed")
+        return (f"{v!r} contains the non-ASCII character {odd!r} (U+{ord(odd):04X} {name}), which can look like an "
+                f"ASCII letter but names a different folder; {fix if hint else 'retype the id in plain ASCII: ' + ID_RULE}")
+    if any(c.isupper() for c in v):
+        return (f"{v!r} has upper-case letters; {v!r} and {v.lower()!r} are the same folder on case-insensitive "
+                f"filesystems (macOS, Windows): {fix}")
+    if len(v) > 64:
+        return f"{v!r} is {len(v)} characters long, the limit is 64; {fix}"
+    if v[0] in "._-":
+        return f"{v!r} starts with {v[0]!r} (a hidden or option-like folder name); {fix}"
+    return f"{v!r} contains characters other than a-z, 0-9, '.', '_', '-'; {fix}"
 
 
 class _Strict(BaseModel):
@@ -108,11 +148,9 @@ class SubjectEntry(SubjectSettings):
     @field_validator("id")
     @classmethod
     def _safe_id(cls, v: str) -> str:
-        if not SUBJECT_ID_RE.match(v):
-            raise ValueError(
-                f"{v!r} is not a safe id: use 1-64 lower-case ASCII letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit (it names the output folder)"
-            )
+        problem = id_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @field_validator("token")
@@ -175,125 +213,85 @@ class Subject(BaseModel):
 # ---------------------------------------------------------------------------------------------------------
 # Parsing and error reporting
 
-
-def format_loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def _model_at(loc: tuple[Any, ...]) -> Optional[type[BaseModel]]:
-    """The schema class that owns the field at `loc` (for 'did you mean')."""
-    model: Any = Manifest
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return None
-        ann = field.annotation
-        if part == "subjects":
-            model = SubjectEntry
-        elif isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-        else:
-            return None
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-def _describe(err: dict[str, Any]) -> str:
-    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
-    if kind == "extra_forbidden":
-        key = err["loc"][-1]
-        model = _model_at(err["loc"])
-        hint = ""
-        if model is not None:
-            close = difflib.get_close_matches(str(key), list(model.model_fields), n=1, cutoff=0.6)
-            if close:
-                hint = f"; did you mean '{close[0]}'?"
-        return f"unknown key{hint}"
-    if kind == "missing":
-        return "required key is missing"
-    for op, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-        if kind in (f"greater_than{'_equal' if op == 'ge' else ''}", f"less_than{'_equal' if op == 'le' else ''}") and op in ctx:
-            return f"must be {sym} {ctx[op]}, got {value!r}"
-    if kind == "value_error":
-        return str(ctx.get("error", err["msg"]))
-    if kind == "literal_error":
-        return f"must be one of {ctx.get('expected')}, got {value!r}"
-    return f"{err['msg'][0].lower()}{err['msg'][1:]}, got {value!r}"
-
-
-def _problems_from(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> list[str]:
-    seen, problems = set(), []
-    for err in exc.errors():
-        loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and p in ("str", "list[str]", "int", "literal['auto']")))
-        line = f"{format_loc(loc)}: {_describe({**err, 'loc': loc})}"
-        if line not in seen:
-            seen.add(line)
-            problems.append(line)
-    return problems
-
-
 def format_prompt(template: str, token: str, class_noun: str) -> str:
     return template.format(token=token, class_noun=class_noun)
 
 
 def _placeholder_problems(template: str, where: str) -> list[str]:
     try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
     except ValueError as e:
         return [f"{where}: malformed braces in {template!r} ({e}); write {{{{ and }}}} for literal braces"]
-    unknown = sorted(n for n in names if n not in PROMPT_FIELDS)
-    if unknown:
-        return [f"{where}: unknown placeholder {{{unknown[0]}}} in {template!r}; available: {{token}}, {{class_noun}}"]
+    for name, spec, conv in fields:
+        if name not in PROMPT_FIELDS:
+            close = closest(name, sorted(PROMPT_FIELDS))
+            hint = f"; did you mean {{{close}}}?" if close else ""
+            return [f"{where}: unknown placeholder {{{name}}} in {short(template)}{hint} (available: {{token}}, {{class_noun}})"]
+        if spec or conv:
+            # a format spec is an easy memory bomb ({token:>999999999}) and never needed in a prompt
+            return [f"{where}: placeholder {{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}} in {short(template)} "
+                    f"has a format spec or conversion; write {{{name}}}"]
     return []
 
 
 def parse_manifest(text: str, source: str = "manifest") -> Manifest:
-    """YAML text -> validated Manifest; every problem reported at once as ManifestError."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ManifestError([f"not valid YAML{where}: {problem}"], source) from None
-    if data is None:
-        raise ManifestError(["the file is empty; see manifests/demo.yaml for a starting point"], source)
-    if not isinstance(data, dict):
-        raise ManifestError([f"the top level must be a mapping of keys (version, output, subjects, ...), got a {type(data).__name__}"], source)
+    """YAML text -> validated Manifest; every problem found is reported at once as ManifestError.
+
+    Schema errors and the checks on raw values (placeholders, duplicate ids, token == class noun) run
+    together, so one `dbbatch validate` lists all of them; checks on merged settings need a valid schema."""
+    data = load_yaml(text, source)
+    problems: list[str] = []
+    manifest: Optional[Manifest] = None
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as e:
-        raise ManifestError(_problems_from(e), source) from None
-    problems = _cross_checks(manifest)
-    if problems:
-        raise ManifestError(problems, source)
+        problems += problems_from(e, Manifest)
+    problems += _raw_checks(data)
+    if manifest is not None and not problems:  # merging formats the prompts: only once they are known good
+        problems += _merged_checks(manifest)
+    if problems or manifest is None:
+        raise ManifestError(sorted(problems, key=_subject_order), source)
     return manifest
 
 
-def _cross_checks(m: Manifest) -> list[str]:
+def _subject_order(problem: str) -> tuple[int, int]:
+    """Sort key: top-level problems first, then subject by subject (the order of the file)."""
+    m = re.match(r"subjects\[(\d+)\]", problem)
+    return (1, int(m.group(1))) if m else (0, 0)
+
+
+def _raw_checks(data: dict[str, Any]) -> list[str]:
+    """Checks that need no valid schema; values of the wrong type are skipped (the schema reports them)."""
     problems: list[str] = []
-    for where, settings in [("defaults", m.defaults)] + [(f"subjects[{i}]", s) for i, s in enumerate(m.subjects)]:
+    subjects = data.get("subjects") if isinstance(data.get("subjects"), list) else []
+    for where, section in [("defaults", data.get("defaults"))] + [(f"subjects[{i}]", s) for i, s in enumerate(subjects)]:
+        if not isinstance(section, dict):
+            continue
         for key in ("instance_prompt", "class_prompt"):
-            problems += _placeholder_problems(getattr(settings, key), f"{where}.{key}")
-        for j, p in enumerate(settings.samples.prompts):
-            problems += _placeholder_problems(p, f"{where}.samples.prompts[{j}]")
+            if isinstance(section.get(key), str):
+                problems += _placeholder_problems(section[key], f"{where}.{key}")
+        samples = section.get("samples")
+        if isinstance(samples, dict) and isinstance(samples.get("prompts"), list):
+            for j, p in enumerate(samples["prompts"]):
+                if isinstance(p, str):
+                    problems += _placeholder_problems(p, f"{where}.samples.prompts[{j}]")
     seen: dict[str, int] = {}
-    for i, s in enumerate(m.subjects):
-        folded = s.id.casefold()
-        if folded in seen:
-            problems.append(f"subjects[{i}].id: duplicate id {s.id!r} (also subjects[{seen[folded]}]); ids must be unique")
-        seen.setdefault(folded, i)
-        if s.token.casefold() == s.class_noun.casefold():
-            problems.append(
-                f"subjects[{i}].token: the token {s.token!r} is the class noun itself; pick a rare word such as 'sks'"
-            )
+    for i, s in enumerate(subjects):
+        if not isinstance(s, dict):
+            continue
+        sid, token, noun = s.get("id"), s.get("token"), s.get("class_noun")
+        if isinstance(sid, str) and id_problem(sid) is None:  # an unsafe id is reported by the schema
+            if sid in seen:
+                problems.append(f"subjects[{i}].id: duplicate id {sid!r} (also subjects[{seen[sid]}]); ids name output folders, make them unique")
+            seen.setdefault(sid, i)
+        if isinstance(token, str) and isinstance(noun, str) and token.strip() and token.casefold() == noun.strip().casefold():
+            problems.append(f"subjects[{i}].token: the token {token!r} is the class noun itself; pick a rare word such as 'sks'")
+    return problems
+
+
+def _merged_checks(m: Manifest) -> list[str]:
+    """Checks on each subject's settings after `defaults` are merged in."""
+    problems: list[str] = []
     for i, subject in enumerate(resolve_subjects(m, base_dir=None)):
         t = subject.train
         where = f"subjects[{i}]"
@@ -356,11 +354,11 @@ def load_manifest(path: Path) -> tuple[Manifest, Path]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ManifestError([f"no such file: {path}"], str(path)) from None
+        raise ManifestError([f"no such file (looked for {path.resolve()}); check the path"], str(path)) from None
     except UnicodeDecodeError:
-        raise ManifestError(["the file is not UTF-8 text; a manifest is a YAML file"], str(path)) from None
+        raise ManifestError(["the file is not UTF-8 text; a manifest is a YAML text file (is this a binary or another encoding?)"], str(path)) from None
     except OSError as e:
-        raise ManifestError([f"cannot read the file: {e.strerror}"], str(path)) from None
+        raise ManifestError([f"cannot read the file: {e.strerror}; pass the manifest YAML file"], str(path)) from None
     return parse_manifest(text, str(path)), path.resolve().parent
 
 

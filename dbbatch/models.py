@@ -66,6 +66,13 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
+def vae_scale_factor(vae_config: Any) -> int:
+    """Pixels per latent pixel: the VAE halves the size in every block but the last (as diffusers computes it).
+    Takes the config (a dict from vae/config.json, or a loaded VAE's config): no weights needed."""
+    channels = vae_config["block_out_channels"] if isinstance(vae_config, dict) else vae_config.block_out_channels
+    return 2 ** (len(channels) - 1)
+
+
 @dataclass
 class BaseModel:
     """A loaded Stable Diffusion model, split into the parts DreamBooth treats differently."""
@@ -82,7 +89,7 @@ class BaseModel:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae.config)
 
     @property
     def native_resolution(self) -> int:
@@ -169,7 +176,8 @@ def write_builtin(name: str, out_dir: Path) -> Path:
 
 def check_folder(folder: Path, source: str) -> None:
     if not folder.is_dir():
-        raise ModelError(f"base_model {source!r}: no such folder")
+        raise ModelError(f"base_model {source!r}: no such folder ({folder}); give a diffusers folder, a built-in "
+                         f"model ({', '.join('builtin:' + a for a in ARCHS)}) or a hub id (org/name)")
     index = folder / "model_index.json"
     if not index.is_file():
         raise ModelError(f"base_model {source!r}: not a diffusers folder (no model_index.json); use a Stable Diffusion 1.x/2.x folder saved with save_pretrained")

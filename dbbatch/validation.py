@@ -1,4 +1,7 @@
-"""Checks beyond the schema: identifier tokens against the model's tokenizer, and (optionally) storage.
+"""Checks beyond the schema: the base model, tokens against its tokenizer, sizes against its VAE, storage.
+
+`dbbatch validate` runs all of them and reports every problem together; `dbbatch run` runs the local ones
+(no image downloads) before it starts, so a batch never fails after an hour on something checkable up front.
 
 Token rules (CLIP BPE merges are ordered by frequency, so a token's id is its frequency rank):
 - a token that is one BPE piece with id < COMMON_WORD_MAX_ID is a common word: an error, since
@@ -8,18 +11,35 @@ Token rules (CLIP BPE merges are ordered by frequency, so a token's id is its fr
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from dbbatch.errors import DbbatchError, ModelError
+from dbbatch.errors import DbbatchError, ModelError, StorageError
 from dbbatch.manifest import Manifest, resolve_location, resolve_subjects
+from dbbatch.manifest_errors import closest, did_you_mean
 
 COMMON_WORD_MAX_ID = 10000
+# Protocols people mean when they mistype one (for "did you mean"); what is installed decides what works.
+COMMON_PROTOCOLS = ["file", "s3", "gs", "gcs", "az", "abfs", "memory", "http", "https", "hf"]
+
+
+@dataclass
+class Findings:
+    """What the checks found. `problems` are the manifest's or the inputs' fault (exit 2, retrying will not
+    help); `storage` are output locations that cannot be written (exit 3, fix access and retry)."""
+
+    problems: list[str] = field(default_factory=list)
+    storage: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def token_problems(manifest: Manifest, tokenizer: Any) -> tuple[list[str], list[str]]:
     problems, warnings = [], []
     for i, s in enumerate(manifest.subjects):
+        if s.token.casefold() == s.class_noun.casefold():
+            continue  # reported by the manifest's own checks, once
         pieces = tokenizer.tokenize(s.token)
         ids = tokenizer.convert_tokens_to_ids(pieces)
         where = f"subjects[{i}].token"
@@ -32,6 +52,58 @@ def token_problems(manifest: Manifest, tokenizer: Any) -> tuple[list[str], list[
             shown = " + ".join(p.replace("</w>", "") for p in pieces)
             warnings.append(f"{where}: {s.token!r} splits into {len(pieces)} tokens ({shown}); a single rare token such as 'sks' binds better")
     return problems, warnings
+
+
+def _read_config(kind: str, where: str, rel: str, storage: Any, check_remote: bool) -> Optional[dict[str, Any]]:
+    """A JSON file of the base model's folder (configs only, never weights), or None when not reachable."""
+    if kind == "local":
+        path = Path(where) / rel
+        return json.loads(path.read_text()) if path.is_file() else None
+    if kind == "remote" and check_remote:
+        from dbbatch.storage import join
+
+        return storage.read_json(join(where, rel))
+    return None
+
+
+def model_geometry(base_model: str, base_dir: Optional[Path], storage: Any, check_remote: bool) -> Optional[tuple[int, int]]:
+    """(VAE scale factor, native resolution) from the model's config files, or None when unknown here."""
+    from dbbatch.models import ARCHS, resolve_source, vae_scale_factor
+
+    kind, where = resolve_source(base_model, base_dir)
+    if kind == "builtin":
+        arch = ARCHS.get(where)
+        if arch is None:
+            return None
+        vae, unet = arch["vae"], arch["unet"]
+    else:
+        try:
+            vae = _read_config(kind, where, "vae/config.json", storage, check_remote)
+            unet = _read_config(kind, where, "unet/config.json", storage, check_remote)
+        except (OSError, ValueError, DbbatchError):
+            return None  # load_tokenizer/check_folder report an unusable folder
+        if not vae or not unet or "block_out_channels" not in vae:
+            return None
+    factor = vae_scale_factor(vae)
+    return factor, int(unet.get("sample_size", 64)) * factor
+
+
+def resolution_problems(manifest: Manifest, factor: int, native: int) -> list[str]:
+    """Training and sampling need latents of whole pixels: the resolution must be a multiple of the VAE's
+    scale factor (8 for Stable Diffusion, 2 for builtin:tiny-sd). Reported where the value is set."""
+    problems: list[str] = []
+    for i, s in enumerate(manifest.subjects):
+        where = f"subjects[{i}].resolution" if s.resolution is not None else "defaults.resolution"
+        res = s.resolution if s.resolution is not None else manifest.defaults.resolution
+        if res is None or res % factor == 0:
+            continue
+        lower, upper = res - res % factor, res - res % factor + factor
+        options = f"{lower} or {upper}" if lower > 0 else f"{upper}"
+        line = (f"{where}: {res} is not a multiple of {factor}, the VAE scale factor of {manifest.base_model} "
+                f"(native size {native}); use {options}")
+        if line not in problems:
+            problems.append(line)
+    return problems
 
 
 def load_tokenizer(base_model: str, base_dir: Optional[Path], storage: Any, check_remote: bool) -> Optional[Any]:
@@ -49,79 +121,137 @@ def load_tokenizer(base_model: str, base_dir: Optional[Path], storage: Any, chec
         return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
     if kind == "local":
         check_folder(Path(where), base_model)
-        return CLIPTokenizer.from_pretrained(str(Path(where) / "tokenizer"))
+        return _tokenizer_from(Path(where) / "tokenizer", base_model)
     if kind == "remote" and check_remote:
         import tempfile
 
         from dbbatch.storage import join
 
         if not storage.exists(join(where, "model_index.json")):
-            raise ModelError(f"base_model {base_model!r}: not a diffusers folder (no model_index.json there)")
+            raise ModelError(f"base_model {base_model!r}: not a diffusers folder (no model_index.json there); "
+                             "point it at a folder saved with save_pretrained")
         tmp = Path(tempfile.mkdtemp(prefix="dbbatch-tok-"))
         storage.fetch_tree(join(where, "tokenizer"), tmp)
-        return CLIPTokenizer.from_pretrained(str(tmp))
+        return _tokenizer_from(tmp, base_model)
+    return None
+
+
+def _tokenizer_from(folder: Path, base_model: str) -> Any:
+    from transformers import CLIPTokenizer
+
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken folder
+        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise ModelError(f"base_model {base_model!r}: the tokenizer in {folder} cannot be loaded ({first}); "
+                         "the folder is incomplete or damaged: save the pipeline again") from None
+
+
+def _model_problem(e: DbbatchError, base_model: str) -> str:
+    line = str(e) if str(e).startswith("base_model") else f"base_model: {e}"
+    if ":" in base_model and "://" not in base_model and not base_model.startswith("builtin:"):
+        from dbbatch.models import ARCHS
+
+        line += did_you_mean(base_model, [f"builtin:{a}" for a in ARCHS])
+    return line
+
+
+def location_problem(storage: Any, location: str, field_name: str) -> Optional[str]:
+    """Why no filesystem handles `location` (unknown protocol, missing package), or None."""
+    from dbbatch.storage import protocol_of
+
+    try:
+        storage.check_location(location)
+    except StorageError as e:
+        proto = protocol_of(location)
+        close = closest(proto, COMMON_PROTOCOLS, cutoff=0.5)
+        hint = f"; did you mean '{close}://'?" if close and close != proto else ""
+        return f"{field_name}: {e}{hint}"
+    return None
+
+
+def writable_problem(storage: Any, location: str, field_name: str) -> Optional[str]:
+    """Why a probe object cannot be written and deleted under `location`, or None."""
+    try:
+        storage.check_writable(location)
+    except StorageError as e:
+        cause = e.__cause__
+        reason = getattr(cause, "strerror", None) or str(e)
+        return f"{field_name}: {location} is not writable ({reason}); grant write access to it or choose another {field_name}"
     return None
 
 
 def check_manifest(manifest: Manifest, base_dir: Optional[Path], storage: Any, check_remote: bool,
-                   output: str, prior_cache: str) -> tuple[list[str], list[str]]:
-    """All problems (errors) and warnings; nothing raised for per-item problems."""
-    from dbbatch.images import has_image_suffix
-
-    problems: list[str] = []
-    warnings: list[str] = []
+                   output: str, prior_cache: str) -> Findings:
+    """Every problem and warning; nothing is raised for a per-item problem, so all are reported at once.
+    With `check_remote`, also every subject's images (each file is read and decoded) and write access."""
+    found = Findings()
     try:
         tokenizer = load_tokenizer(manifest.base_model, base_dir, storage, check_remote)
     except DbbatchError as e:
-        problems.append(f"base_model: {e}")
+        found.problems.append(_model_problem(e, manifest.base_model))
         tokenizer = None
     if tokenizer is not None:
         p, w = token_problems(manifest, tokenizer)
-        problems += p
-        warnings += w
+        found.problems += p
+        found.warnings += w
+    geometry = model_geometry(manifest.base_model, base_dir, storage, check_remote)
+    if geometry is not None:
+        found.problems += resolution_problems(manifest, *geometry)
     for i, s in enumerate(manifest.subjects):
         if s.train.optimizer == "adamw8bit" or manifest.defaults.train.optimizer == "adamw8bit":
             import importlib.util
 
             if importlib.util.find_spec("bitsandbytes") is None:
-                problems.append(f"subjects[{i}].train.optimizer: adamw8bit needs the bitsandbytes package (and a GPU); use adamw")
-    for location, field in ((output, "output"), (prior_cache, "prior_cache")):
-        try:
-            storage.check_location(location)
-        except DbbatchError as e:
-            problems.append(f"{field}: {e}")
-    if problems or not check_remote:
-        return problems, warnings
+                found.problems.append(f"subjects[{i}].train.optimizer: adamw8bit needs the bitsandbytes package (and a GPU); use adamw")
+    usable = []
+    for location, name in ((output, "output"), (prior_cache, "prior_cache")):
+        if not usable and name == "prior_cache" and location.startswith(output + "/"):
+            continue  # inside an output already reported: one line is enough
+        problem = location_problem(storage, location, name)
+        if problem:
+            found.problems.append(problem)
+        else:
+            usable.append((location, name))
+    if not check_remote:
+        return found
+    native = geometry[1] if geometry else 64
     for subject in resolve_subjects(manifest, base_dir):
         where = f"subjects[{subject.index}].images"
-        try:
-            files = [u for u in storage.expand(subject.images) if has_image_suffix(u) or u in subject.images]
-        except DbbatchError as e:
-            problems.append(f"{where}: {e}")
-            continue
-        if not files:
-            problems.append(f"{where}: no images found at {', '.join(subject.images)} (subject {subject.id})")
-            continue
-        if not _any_readable(files, storage):
-            problems.append(f"{where}: none of the {len(files)} file(s) is a readable image (subject {subject.id})")
-    for location, field in ((output, "output"), (prior_cache, "prior_cache")):
-        try:
-            storage.check_writable(location)
-        except DbbatchError as e:
-            problems.append(f"{field}: not writable: {e}")
-    return problems, warnings
+        p, w = _image_findings(subject, storage, subject.resolution or native)
+        found.problems += [f"{where}: {x}" for x in p]
+        found.warnings += [f"{where}: {x}" for x in w]
+    for location, name in usable:
+        if found.storage and location.startswith(output + "/"):
+            continue  # inside an output already reported as not writable: one line is enough
+        problem = writable_problem(storage, location, name)
+        if problem:
+            found.storage.append(problem)
+    return found
 
 
-def _any_readable(files: list[str], storage: Any) -> bool:
-    from dbbatch.images import decode
+def _image_findings(subject: Any, storage: Any, resolution: int) -> tuple[list[str], list[str]]:
+    """Read and decode every image of a subject: (problems, warnings), one line per bad file."""
+    from dbbatch.images import decode_files, no_images_message, pick_image_files
 
-    for url in files:
-        try:
-            decode(storage.read_bytes(url), url)
-            return True
-        except DbbatchError:
-            continue
-    return False
+    try:
+        files, skipped = pick_image_files(storage.expand(subject.images), subject.images)
+    except DbbatchError as e:
+        return [str(e)], []
+    warnings = [f"skipping {u}: not an image file name" for u in skipped]
+    if not files:
+        return [no_images_message(subject.images)], warnings
+    problems: list[str] = []
+
+    def contents():
+        for url in files:
+            try:
+                yield url, storage.read_bytes(url)
+            except DbbatchError as e:
+                problems.append(str(e))
+
+    _, notes, errors = decode_files(contents(), resolution)
+    return problems + errors, warnings + notes
 
 
 def locations(manifest: Manifest, base_dir: Optional[Path], output_override: Optional[str]) -> tuple[str, str]:

@@ -134,7 +134,7 @@ class Batch:
         except Exception as e:  # noqa: BLE001 - one subject never sinks the batch
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             if not isinstance(e, DbbatchError):
-                message = f"{type(e).__name__}: {message}"
+                message = f"{type(e).__name__}: {message}{_advice(e)}"
             log.error("%s: failed: %s", subject.id, message)
             if self.opts.debug or not isinstance(e, DbbatchError):
                 log.debug("".join(traceback.format_exception(e)))
@@ -210,19 +210,14 @@ class SubjectRun:
 
     # -- stages ---------------------------------------------------------------------------------------------------
     def load_instance_images(self) -> list[Any]:
-        from dbbatch.images import decode_all, has_image_suffix
+        from dbbatch.images import decode_all, no_images_message, pick_image_files
 
-        urls = self.storage.expand(self.s.images)
-        explicit = {u for u in self.s.images}
-        files = []
-        for url in urls:
-            if url not in explicit and not has_image_suffix(url):
-                log.warning("%s: skipping %s: not an image file name", self.s.id, url)
-                continue
-            files.append(url)
+        files, skipped = pick_image_files(self.storage.expand(self.s.images), self.s.images)
+        for url in skipped:
+            log.warning("%s: skipping %s: not an image file name", self.s.id, url)
         if not files:
-            raise ImageError(f"subject {self.s.id}: no images found at {', '.join(self.s.images)}")
-        data = [(u, self.storage.read_bytes(u)) for u in files]
+            raise ImageError(no_images_message(self.s.images))
+        data = ((u, self.storage.read_bytes(u)) for u in files)  # one file's bytes in memory at a time
         images, notes = decode_all(data, self.resolution)
         for n in notes:
             log.warning("%s: %s", self.s.id, n)
@@ -279,7 +274,7 @@ class SubjectRun:
         resume_path, resumed_from = None, None
         if resume_url is not None:
             local = self.storage.fetch(resume_url, self.work / "resume" / resume_url.rsplit("/", 1)[-1])
-            for note in resume_warnings(read_meta(local), model.identity, cfg, self.s.id):
+            for note in resume_warnings(read_meta(local, resume_url), model.identity, cfg, self.s.id):
                 log.warning(note)
             resume_path = str(local)
             from dbbatch.checkpoints import step_of
@@ -396,6 +391,14 @@ class SubjectRun:
         self.storage.remove(join(self.out, "checkpoints"), recursive=True)
         shutil.rmtree(self.work, ignore_errors=True)
         return metrics
+
+
+def _advice(e: BaseException) -> str:
+    """What to do about an error that is not ours (its message says what happened, not what to change)."""
+    if type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower():
+        return ("; lower train.batch_size or resolution, or set train.gradient_checkpointing: true and "
+                "train.mixed_precision: fp16 (or bf16)")
+    return ""
 
 
 def _require_bitsandbytes(subject_id: str) -> None:

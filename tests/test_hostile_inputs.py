@@ -1,0 +1,594 @@
+"""Hostile inputs: bad manifests, bad photos, failing training, unwritable outputs, planted secrets.
+
+Every case states the exact behaviour: the exit code and the one line it prints (what is wrong, the bad value,
+where, what to do), with no traceback. Manifest cases run `dbbatch validate` in this process (the same Typer
+app, without a Python start-up per case); image and runtime cases share ONE multi-subject `dbbatch run` in a
+subprocess, where each bad subject fails on its own and the good ones still finish.
+
+To print the corpus as "case -> line" (for notes and reviews): python scripts/hostile_corpus.py
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import pytest
+import yaml
+
+import hostile_files as hf
+from conftest import REPO, cli_env, draw_subject, run_cli
+
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR) (.*)$")
+# A planted secret must never be written anywhere: env vars and storage_options both carry one.
+SECRETS = {"AWS_SECRET_ACCESS_KEY": "planted-env-secret-7f3a", "HF_TOKEN": "planted-hf-token-91c2"}
+OPTION_SECRETS = ["planted-option-password-5d1e", "planted-option-client-secret-88b0"]
+
+
+def record(case: str, line: str) -> None:
+    """Append "case -> line" to $HOSTILE_CORPUS (scripts/hostile_corpus.py reads it)."""
+    path = os.environ.get("HOSTILE_CORPUS")
+    if path:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"{case} -> {line}\n")
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    errors: list[str]
+    warnings: list[str]
+    text: str  # everything printed
+
+
+def parse_log(text: str) -> tuple[list[str], list[str]]:
+    errors, warns = [], []
+    for raw in text.splitlines():
+        m = LOG_LINE.match(raw)
+        if m and m.group(1) == "ERROR":
+            errors.append(m.group(2))
+        elif m and m.group(1) == "WARNING":
+            warns.append(m.group(2))
+    return errors, warns
+
+
+@pytest.fixture
+def cli_in_process(monkeypatch):
+    """Run the real Typer app in this process; undo the logging/warnings setup it does for a process."""
+    from typer.testing import CliRunner
+
+    from dbbatch.cli import app
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("dbbatch").level, warnings.filters[:])
+
+    def invoke(*args: str, cwd: Path) -> Outcome:
+        monkeypatch.chdir(cwd)
+        result = CliRunner().invoke(app, list(args))
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise AssertionError(f"uncaught {type(result.exception).__name__}: {result.exception}\n{result.output}")
+        errors, warns = parse_log(result.stderr)
+        return Outcome(result.exit_code, errors, warns, result.output)
+
+    yield invoke
+    root.handlers[:], _, _, warnings.filters[:] = saved[0], None, None, saved[3]
+    root.setLevel(saved[1])
+    logging.getLogger("dbbatch").setLevel(saved[2])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Manifest cases: `dbbatch validate m.yaml` in a fresh folder with a valid imgs/ folder beside the manifest
+
+
+def subject(id: str = "rex", **over: Any) -> dict[str, Any]:
+    return {"id": id, "token": "sks", "class_noun": "dog", "images": "imgs/", **over}
+
+
+def doc(*subjects: dict[str, Any], **top: Any) -> dict[str, Any]:
+    return {"output": "out", **top, "subjects": list(subjects) or [subject()]}
+
+
+def fake_sd_folder(d: Path, name: str = "sd") -> None:
+    """A Stable Diffusion 1.x folder as far as validate reads it: configs and tokenizer, no weights."""
+    m = d / name
+    for part in ("unet", "vae", "text_encoder", "scheduler"):
+        (m / part).mkdir(parents=True)
+    (m / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (m / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+    (m / "unet" / "config.json").write_text(json.dumps({"sample_size": 64}))
+    shutil.copytree(REPO / "dbbatch" / "assets" / "tokenizer", m / "tokenizer")
+
+
+def broken_tokenizer_folder(d: Path) -> None:
+    fake_sd_folder(d, "broken")
+    (d / "broken" / "tokenizer" / "vocab.json").write_text("<html>rate limited</html>")
+
+
+def not_diffusers_folder(d: Path) -> None:
+    (d / "weights").mkdir()
+    (d / "weights" / "model.ckpt").write_bytes(b"\0" * 16)
+
+
+ALIAS_BOMB = "output: out\n" + "".join(
+    f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else ', '.join(['lol'] * 9)}]\n" for i in range(7)
+) + "subjects: [{id: rex, token: sks, class_noun: dog, images: *l6}]\n"
+
+
+@dataclass
+class ManifestCase:
+    name: str
+    manifest: Union[str, bytes, dict[str, Any], None]  # None: no file at all
+    exit_code: int
+    errors: list[str]  # the exact ERROR lines ({dir}: the case's folder)
+    warnings: list[str] = field(default_factory=list)
+    setup: Optional[Callable[[Path], None]] = None
+    args: tuple[str, ...] = ("--no-check-remote",)
+
+
+TYPO_TRAIN = {"max_step": 5}
+MANIFEST_CASES = [
+    ManifestCase("not-yaml", "output: out\nsubjects: [{id: rex, token: sks\n", 2, [
+        "m.yaml: not valid YAML at line 3, column 1: expected ',' or '}', but got '<stream end>'"]),
+    ManifestCase("yaml-tab-indent", "output: out\nsubjects:\n\t- {id: rex, token: sks, class_noun: dog, images: imgs/}\n", 2, [
+        "m.yaml: not valid YAML at line 3, column 1: found character '\\t' that cannot start any token; indent with "
+        "spaces: YAML does not allow tabs"]),
+    ManifestCase("yaml-not-a-mapping", "- rex\n- tom\n", 2, [
+        "m.yaml: the top level must be a mapping of keys (version, output, subjects, ...), got a list: ['rex', 'tom']"]),
+    ManifestCase("empty-file", "", 2, ["m.yaml: the file is empty; see manifests/demo.yaml for a starting point"]),
+    ManifestCase("not-utf8", b"output: \xff\xfe out\n", 2, [
+        "m.yaml: the file is not UTF-8 text; a manifest is a YAML text file (is this a binary or another encoding?)"]),
+    ManifestCase("no-such-file", None, 2, ["m.yaml: no such file (looked for {dir}/m.yaml); check the path"]),
+    ManifestCase("duplicate-yaml-key", "output: out\nsubjects:\n  - id: rex\n    token: sks\n    class_noun: dog\n"
+                 "    images: imgs/\n    token: ohwx\n", 2, [
+        "m.yaml: not valid YAML at line 7, column 5: duplicate key 'token' (first at line 4); YAML would silently "
+        "keep only the last one: merge them into one"]),
+    ManifestCase("yaml-alias-bomb", ALIAS_BOMB, 2, [
+        # l_i = 1 + 9 * l_(i-1), l0 = 10: l6 = 5,380,840, used twice (l6 and images), + l0..l5 + 20 keys/scalars
+        "m.yaml: expands to 11,434,303 values (more than 100,000); YAML aliases (*name) repeat whole lists: write the "
+        "values out or split the batch"]),
+    ManifestCase("yaml-nested-too-deep", "output: out\nsubjects: " + "[" * 3000 + "]" * 3000 + "\n", 2, [
+        "m.yaml: not valid YAML: nested hundreds of levels deep; a manifest is a few levels of keys"]),
+    ManifestCase("unknown-key-typo", doc(defaults={"train": TYPO_TRAIN}), 2, [
+        "m.yaml: defaults.train.max_step: unknown key; did you mean 'max_steps'?"]),
+    ManifestCase("required-key-typo", {"ouptut": "out", "subjects": [subject()]}, 2, [
+        "m.yaml: ouptut: unknown key; did you mean 'output'?"]),
+    ManifestCase("unknown-key", doc(subject(colour="brown")), 2, [
+        "m.yaml: subjects[0].colour: unknown key; allowed here: resolution, instance_prompt, class_prompt, train, "
+        "priors, samples, id, token, class_noun, images"]),
+    ManifestCase("missing-key", {"subjects": [subject()]}, 2, [
+        "m.yaml: output: required key is missing (Where results go: a local path or fsspec URL.)"]),
+    ManifestCase("wrong-type-number", doc(subject(train={"max_steps": "many"})), 2, [
+        "m.yaml: subjects[0].train.max_steps: must be a whole number, got 'many'"]),
+    ManifestCase("wrong-type-section", doc(subject(train=400)), 2, [
+        "m.yaml: subjects[0].train: must be a mapping of keys, got 400"]),
+    ManifestCase("wrong-type-images", doc(subject(images=5)), 2, [
+        "m.yaml: subjects[0].images: must be a folder, a glob or a list of files/URLs, got 5"]),
+    ManifestCase("token-read-as-number", "output: out\nsubjects: [{id: rex, token: 1234, class_noun: dog, images: imgs/}]\n", 2, [
+        "m.yaml: subjects[0].token: must be text, got 1234; YAML read it as a number: quote it, e.g. '1234'"]),
+    ManifestCase("negative-steps", doc(subject(train={"max_steps": -3})), 2, [
+        "m.yaml: subjects[0].train.max_steps: must be > 0, got -3"]),
+    ManifestCase("zero-steps", doc(defaults={"priors": {"steps": 0}}), 2, ["m.yaml: defaults.priors.steps: must be > 0, got 0"]),
+    ManifestCase("choice-typo", doc(defaults={"train": {"lr_scheduler": "cosin"}}), 2, [
+        "m.yaml: defaults.train.lr_scheduler: must be one of 'constant', 'constant_with_warmup', 'linear' or 'cosine', "
+        "got 'cosin'; did you mean 'cosine'?"]),
+    ManifestCase("no-subjects", doc() | {"subjects": []}, 2, ["m.yaml: subjects: must list at least 1 item(s), got none"]),
+    ManifestCase("resolution-not-multiple-tiny", doc(subject(resolution=33)), 2, [
+        "m.yaml: subjects[0].resolution: 33 is not a multiple of 2, the VAE scale factor of builtin:tiny-sd (native "
+        "size 64); use 32 or 34"]),
+    ManifestCase("resolution-not-multiple-sd", doc(defaults={"resolution": 500}, base_model="./sd"), 2, [
+        "m.yaml: defaults.resolution: 500 is not a multiple of 8, the VAE scale factor of ./sd (native size 512); "
+        "use 496 or 504"], setup=fake_sd_folder),
+    ManifestCase("duplicate-id", doc(subject("rex"), subject("rex")), 2, [
+        "m.yaml: subjects[1].id: duplicate id 'rex' (also subjects[0]); ids name output folders, make them unique"]),
+    ManifestCase("id-parent-dir", doc(subject("../x")), 2, [
+        "m.yaml: subjects[0].id: '../x' would escape the output folder ('..' is not allowed); use 'x'"]),
+    ManifestCase("id-nested-path", doc(subject("a/b")), 2, [
+        "m.yaml: subjects[0].id: 'a/b' contains a path separator, so it would name a nested folder; use 'a-b'"]),
+    ManifestCase("id-absolute-path", doc(subject("/etc/cron.d")), 2, [
+        "m.yaml: subjects[0].id: '/etc/cron.d' is an absolute path; an id names one folder inside output: use 'etc-cron.d'"]),
+    ManifestCase("id-unicode-lookalike", doc(subject("rex"), subject("r\u0435x")), 2, [
+        "m.yaml: subjects[1].id: 'r\u0435x' contains the non-ASCII character '\u0435' (U+0435 CYRILLIC SMALL LETTER IE), "
+        "which can look like an ASCII letter but names a different folder; retype the id in plain ASCII: use 1-64 "
+        "lower-case ASCII letters, digits, '.', '_' or '-', starting with a letter or digit"]),
+    ManifestCase("id-case-collision", doc(subject("rex"), subject("Rex")), 2, [
+        "m.yaml: subjects[1].id: 'Rex' has upper-case letters; 'Rex' and 'rex' are the same folder on "
+        "case-insensitive filesystems (macOS, Windows): use 'rex'"]),
+    ManifestCase("token-common-word", doc(subject(token="photo")), 2, [
+        "m.yaml: subjects[0].token: 'photo' is a common word (CLIP token #1125); fine-tuning would overwrite its "
+        "meaning. Pick a rare token such as 'sks' or 'ohwx'"]),
+    ManifestCase("token-is-class-noun", doc(subject(token="Dog")), 2, [
+        "m.yaml: subjects[0].token: the token 'Dog' is the class noun itself; pick a rare word such as 'sks'"]),
+    ManifestCase("token-splits", doc(subject(token="qwertzuiop")), 0, [], warnings=[
+        "m.yaml: subjects[0].token: 'qwertzuiop' splits into 6 tokens (q + wer + t + zu + io + p); a single rare "
+        "token such as 'sks' binds better"]),
+    ManifestCase("placeholder-unknown", doc(subject(instance_prompt="a photo of {tokn} {class_noun}")), 2, [
+        "m.yaml: subjects[0].instance_prompt: unknown placeholder {tokn} in 'a photo of {tokn} {class_noun}'; did "
+        "you mean {token}? (available: {token}, {class_noun})"]),
+    ManifestCase("placeholder-format-spec", doc(defaults={"samples": {"prompts": ["{token:>999999999}"]}}), 2, [
+        "m.yaml: defaults.samples.prompts[0]: placeholder {token:>999999999} in '{token:>999999999}' has a format "
+        "spec or conversion; write {token}"]),
+    ManifestCase("output-unknown-protocol", doc(output="s4://bucket/out"), 2, [
+        "m.yaml: output: unsupported location 's4://bucket/out': Protocol not known: s4; did you mean 's3://'?"]),
+    ManifestCase("base-model-missing", doc(base_model="./no-such-model"), 2, [
+        "m.yaml: base_model './no-such-model': no such folder ({dir}/no-such-model); give a diffusers folder, a "
+        "built-in model (builtin:tiny-sd, builtin:small-sd, builtin:sd15) or a hub id (org/name)"]),
+    ManifestCase("base-model-typo", doc(base_model="bulitin:tiny-sd"), 2, [
+        "m.yaml: base_model 'bulitin:tiny-sd': no such folder ({dir}/bulitin:tiny-sd); give a diffusers folder, a "
+        "built-in model (builtin:tiny-sd, builtin:small-sd, builtin:sd15) or a hub id (org/name); did you mean "
+        "'builtin:tiny-sd'?"]),
+    ManifestCase("base-model-not-diffusers", doc(base_model="./weights"), 2, [
+        "m.yaml: base_model './weights': not a diffusers folder (no model_index.json); use a Stable Diffusion 1.x/2.x "
+        "folder saved with save_pretrained"], setup=not_diffusers_folder),
+    ManifestCase("base-model-broken-tokenizer", doc(base_model="./broken"), 2, [
+        "m.yaml: base_model './broken': the tokenizer in {dir}/broken/tokenizer cannot be loaded (Error while "
+        "initializing BPE: expected value at line 1 column 1); the folder is incomplete or damaged: save the pipeline again"],
+        setup=broken_tokenizer_folder),
+    ManifestCase("images-empty-folder", doc(subject(images="empty/")), 2, [
+        "m.yaml: subjects[0].images: no image files at {dir}/empty/: the folder is empty or missing, or the pattern "
+        "matches nothing; put photos (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp) there or fix the subject's "
+        "images"], setup=lambda d: (d / "empty").mkdir(), args=()),
+]
+
+
+@pytest.mark.parametrize("case", MANIFEST_CASES, ids=[c.name for c in MANIFEST_CASES])
+def test_manifest_case(case: ManifestCase, tmp_path: Path, cli_in_process):
+    draw_subject(tmp_path / "imgs", n=2, size=40)
+    if case.setup:
+        case.setup(tmp_path)
+    if isinstance(case.manifest, dict):
+        (tmp_path / "m.yaml").write_text(yaml.safe_dump(case.manifest, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    elif isinstance(case.manifest, bytes):
+        (tmp_path / "m.yaml").write_bytes(case.manifest)
+    elif isinstance(case.manifest, str):
+        (tmp_path / "m.yaml").write_text(case.manifest, encoding="utf-8")
+    got = cli_in_process("validate", "m.yaml", *case.args, cwd=tmp_path)
+    expected = [line.replace("{dir}", str(tmp_path)) for line in case.errors]
+    assert (got.exit_code, got.errors) == (case.exit_code, expected), got.text
+    assert got.warnings == [w.replace("{dir}", str(tmp_path)) for w in case.warnings], got.text
+    assert "Traceback" not in got.text
+    for line in got.errors + got.warnings:
+        record(f"manifest/{case.name} (exit {got.exit_code})", line.replace(str(tmp_path), "<dir>"))
+
+
+def test_every_manifest_problem_is_reported_at_once(tmp_path: Path, cli_in_process):
+    """Schema errors, raw-value checks and model checks together: one validate run lists them all."""
+    draw_subject(tmp_path / "imgs", n=2, size=40)
+    m = doc(subject("rex", train={"max_steps": 0}, instance_prompt="{tokn}"), subject("rex", token="photo"),
+            subject("Tom", resolution=33), output="s4://x/out")
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(m, sort_keys=False))
+    got = cli_in_process("validate", "m.yaml", "--no-check-remote", cwd=tmp_path)
+    assert got.exit_code == 2
+    assert [e.split(":")[1].strip() for e in got.errors] == [
+        "subjects[0].train.max_steps", "subjects[0].instance_prompt", "subjects[1].id", "subjects[2].id"]
+    # The schema failed, so the model checks did not run yet: fix those four and validate again.
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc(subject("rex", token="photo"), subject("tom", resolution=33),
+                                                         output="s4://x/out"), sort_keys=False))
+    got = cli_in_process("validate", "m.yaml", "--no-check-remote", cwd=tmp_path)
+    assert [e.split(":")[1].strip() for e in got.errors] == ["subjects[0].token", "subjects[1].resolution", "output"]
+
+
+def test_unexpected_error_is_one_line_and_traceback_only_with_debug(tmp_path: Path, cli_in_process, monkeypatch):
+    """The last line of defence: an exception we did not foresee still prints one line, exit 1."""
+    import dbbatch.validation
+
+    def broken(*args, **kwargs):
+        raise KeyError("vae")
+
+    monkeypatch.setattr(dbbatch.validation, "check_manifest", broken)
+    draw_subject(tmp_path / "imgs", n=1, size=40)
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc()))
+    got = cli_in_process("validate", "m.yaml", cwd=tmp_path)
+    assert got.exit_code == 1
+    assert got.errors == ["unexpected error: KeyError: 'vae'", "rerun with --debug for the traceback, and report it if "
+                          "the line above does not say what to fix"]
+    assert "Traceback" not in got.text
+    debug = cli_in_process("validate", "m.yaml", "--debug", cwd=tmp_path)
+    assert debug.exit_code == 1 and "Traceback" in debug.text and 'raise KeyError("vae")' in debug.text
+
+
+def test_real_process_prints_no_traceback(tmp_path: Path):
+    """The in-process cases above, checked once as a real process: stderr is the one line, nothing else."""
+    (tmp_path / "m.yaml").write_text("output: out\nsubjects: [{id: rex, token: sks\n")
+    proc = run_cli("validate", "m.yaml", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and LOG_LINE.match(lines[0]).group(2).startswith("m.yaml: not valid YAML at line 3"), proc.stderr
+    assert proc.stdout == ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Read-only output: refused by validate (and by run) before any training
+
+
+def _without_root_file_access():  # pragma: no cover - runs in the child before exec
+    """Root ignores permission bits through CAP_DAC_OVERRIDE: drop it (and CAP_DAC_READ_SEARCH) from the
+    bounding set, so the exec'd CLI is a root process that file permissions do apply to."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_read_only_output_fails_in_validate_and_before_training(tmp_path: Path):
+    draw_subject(tmp_path / "imgs", n=2, size=40)
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc()))
+    (tmp_path / "out").mkdir(mode=0o555)
+    (tmp_path / "out").chmod(0o555)
+    env = cli_env(DBBATCH_WORK_DIR=str(tmp_path / "work"))
+    expected = f"m.yaml: output: {tmp_path}/out is not writable (Permission denied); grant write access to it or choose another output"
+    try:
+        for command in ("validate", "run"):
+            proc = subprocess.run([sys.executable, "-m", "dbbatch", command, "m.yaml"], capture_output=True, text=True,
+                                  env=env, cwd=tmp_path, timeout=300,
+                                  preexec_fn=_without_root_file_access if os.geteuid() == 0 else None)
+            errors, _ = parse_log(proc.stderr)
+            line = expected if command == "validate" else expected.removeprefix("m.yaml: ")
+            assert (proc.returncode, errors) == (3, [line]), proc.stderr
+            assert "Traceback" not in proc.stderr
+            record(f"storage/read-only-output ({command}, exit 3)", line.replace(str(tmp_path), "<dir>"))
+        assert not (tmp_path / "work" / "cache").exists(), "run loaded the model before finding the output unwritable"
+    finally:
+        (tmp_path / "out").chmod(0o755)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Images and runtime faults: one `dbbatch run` with a subject per bad input, and good subjects that must finish
+
+
+class _Evil:
+    """Unpickling this runs open(MARKER, 'w'): proof of code execution if a checkpoint were unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@dataclass
+class RunCase:
+    name: str  # = the subject id
+    images: Union[str, list[str]]
+    error_class: Optional[str]  # None: the subject succeeds
+    run_line: Optional[str]  # the ERROR line of `dbbatch run`, "{dir}": the batch folder
+    validate_line: Optional[str] = None  # the ERROR line of `dbbatch validate` (which decodes every image)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+def _write_images(d: Path) -> None:
+    imgs = d / "imgs"
+    imgs.mkdir(parents=True)
+    files = {
+        "zero.jpg": b"", "cut.jpg": hf.truncated_jpeg(), "notes.jpg": hf.TEXT, "404.png": hf.HTML_404,
+        "bomb.png": hf.bomb_png(), "pixel.png": hf.save(hf.Image.new("RGB", (1, 1), hf.RED), "PNG"),
+    }
+    for name, data in files.items():
+        (imgs / name).write_bytes(data)
+    (d / "empty").mkdir()
+    # Everything a real upload folder has that is awkward but usable, and junk that must be ignored silently.
+    good = draw_subject(d / "good", n=2, size=48)
+    for name, data in {"cmyk.jpg": hf.cmyk_jpeg(), "scan16.png": hf.gray16_png(), "gray.png": hf.gray_png(),
+                       "logo.png": hf.palette_transparent_png(), "anim.gif": hf.animated_gif(),
+                       "phone.jpg": hf.exif_jpeg(6), "portrait.jpg": hf.phone_mpo(), "img9-copy.png": (good / "img0.png").read_bytes(),
+                       ".DS_Store": b"\0\0\0\1Bud1" + b"\0" * 64, "Thumbs.db": b"\xd0\xcf\x11\xe0" + b"\0" * 64,
+                       "._img0.png": b"\0\5\x16\7" + b"\0" * 64}.items():
+        (good / name).write_bytes(data)
+    draw_subject(d / "plain", n=2, size=48)
+
+
+RUN_CASES = [
+    RunCase("zero-byte", ["imgs/zero.jpg"], "ImageError",
+            "zero-byte: failed: {dir}/imgs/zero.jpg: the file is empty (0 bytes); re-upload the photo"),
+    RunCase("truncated-jpeg", ["imgs/cut.jpg"], "ImageError",
+            "truncated-jpeg: failed: {dir}/imgs/cut.jpg: the image is truncated (the upload or download was cut "
+            "off); re-upload it"),
+    RunCase("text-as-jpg", ["imgs/notes.jpg"], "ImageError",
+            "text-as-jpg: failed: {dir}/imgs/notes.jpg: the file is text, not an image (it starts 'this is not a "
+            "photo, just some notes'); upload the photo itself"),
+    RunCase("html-as-png", ["imgs/404.png"], "ImageError",
+            "html-as-png: failed: {dir}/imgs/404.png: the file is an HTML page titled '404 Not Found', not an image; "
+            "the download probably failed: fetch the photo again"),
+    RunCase("decompression-bomb", ["imgs/bomb.png"], "ImageError",
+            "decompression-bomb: failed: {dir}/imgs/bomb.png: 2,500,000,000 pixels exceeds the limit of 64,000,000 "
+            "pixels (8000x8000); refused before decoding (a decompression bomb or a huge scan): downscale it and re-upload"),
+    RunCase("one-pixel", ["imgs/pixel.png"], "ImageError",
+            "one-pixel: failed: {dir}/imgs/pixel.png: 1x1 pixels is below the minimum of 32 px on the shorter side; "
+            "use a larger photo"),
+    RunCase("empty-folder", "empty/", "ImageError",
+            "empty-folder: failed: no image files at {dir}/empty/: the folder is empty or missing, or the pattern "
+            "matches nothing; put photos (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp) there or fix the "
+            "subject's images"),
+    RunCase("glob-matches-nothing", "plain/*.heic", "ImageError",
+            "glob-matches-nothing: failed: no image files at {dir}/plain/*.heic: the folder is empty or missing, or "
+            "the pattern matches nothing; put photos (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp) there or "
+            "fix the subject's images"),
+    RunCase("missing-file", ["plain/img0.png", "plain/nope.jpg"], "StorageError",
+            "missing-file: failed: cannot read: {dir}/plain/nope.jpg does not exist; check the path"),
+    RunCase("out-of-memory", "plain/", "OutOfMemoryError",
+            "out-of-memory: failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB (simulated by "
+            "DBBATCH_FAULTS); lower train.batch_size or resolution, or set train.gradient_checkpointing: true and "
+            "train.mixed_precision: fp16 (or bf16)"),
+    RunCase("disk-full", "plain/", "StorageError",
+            "disk-full: failed: cannot write checkpoint step-0000002.ckpt in {work}/subjects/disk-full/checkpoints (No "
+            "space left on device); checkpoints already stored in {dir}/out/disk-full/checkpoints are intact: free "
+            "space in the work dir (--work-dir) and rerun to resume", train={"max_steps": 3, "checkpoint_every": 1}),
+    RunCase("pickled-checkpoint", "plain/", "CheckpointError",
+            "pickled-checkpoint: failed: checkpoint {dir}/out/pickled-checkpoint/checkpoints/step-0000001.ckpt cannot "
+            "be read (UnpicklingError); delete it to start over"),
+    RunCase("good", "good/", None, None),
+]
+RUN_CASES[0].validate_line = "m.yaml: subjects[0].images: {dir}/imgs/zero.jpg: the file is empty (0 bytes); re-upload the photo"
+for _c in RUN_CASES[1:9]:
+    _c.validate_line = f"m.yaml: subjects[{RUN_CASES.index(_c)}].images: " + _c.run_line.split(": failed: ", 1)[1]
+
+
+@dataclass
+class Batch:
+    dir: Path
+    work: Path
+    proc: subprocess.CompletedProcess
+    errors: list[str]
+    warnings: list[str]
+    report: dict[str, Any]  # --report
+    stored_report: dict[str, Any]  # <output>/_runs/<run id>.json
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory) -> Batch:
+    d = tmp_path_factory.mktemp("hostile-batch")
+    _write_images(d)
+    subjects = [{"id": c.name, "token": "sks", "class_noun": "dog", "images": c.images,
+                 **({"train": c.train} if c.train else {})} for c in RUN_CASES]
+    manifest = {
+        "version": 1, "base_model": "builtin:tiny-sd", "output": "out",
+        "storage_options": {"file": {"password": OPTION_SECRETS[0], "client_kwargs": {"client_secret": OPTION_SECRETS[1]}}},
+        "defaults": {"resolution": 32,
+                     "train": {"max_steps": 2, "checkpoint_every": 100, "learning_rate": 1e-4, "with_prior_preservation": False},
+                     "priors": {"num_images": 0},
+                     "samples": {"prompts": ["a photo of {token} {class_noun}"], "seeds": [0], "steps": 2,
+                                 "include_class_prompt": False}},
+        "subjects": subjects,
+    }
+    (d / "m.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    # A stored checkpoint that would run code if unpickled.
+    import torch
+
+    evil = d / "out" / "pickled-checkpoint" / "checkpoints" / "step-0000001.ckpt"
+    evil.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}, "payload": _Evil(d / "PWNED")}, evil)
+
+    work = d / "work"
+    # OMP_NUM_THREADS=1: on a busy 2-core CI machine torch's second intra-op thread spin-waits for a core and
+    # this run takes 80 s instead of 7 s (measured); a tiny model gains nothing from it anyway.
+    env = cli_env(DBBATCH_WORK_DIR=str(work), DBBATCH_FAULTS="fail_train=out-of-memory;disk_full_checkpoint=2",
+                  OMP_NUM_THREADS="1", AWS_ACCESS_KEY_ID="AKIAPLANTED", **SECRETS)
+    proc = run_cli("run", "m.yaml", "--report", "report.json", env=env, cwd=d)
+    errors, warns = parse_log(proc.stderr)
+    report = json.loads((d / "report.json").read_text())
+    stored = json.loads((d / "out" / "_runs" / f"{report['run_id']}.json").read_text())
+    return Batch(d, work, proc, errors, warns, report, stored, env)
+
+
+def _fill(line: str, b: Batch) -> str:
+    return line.replace("{dir}", str(b.dir)).replace("{work}", str(b.work))
+
+
+@pytest.mark.parametrize("case", RUN_CASES, ids=[c.name for c in RUN_CASES])
+def test_run_case(case: RunCase, batch: Batch):
+    entry = next(s for s in batch.report["subjects"] if s["id"] == case.name)
+    mine = [e for e in batch.errors if e.startswith(f"{case.name}: ")]
+    if case.error_class is None:
+        assert entry["status"] == "succeeded" and (batch.dir / "out" / case.name / "_SUCCESS").is_file()
+        assert mine == []
+        return
+    expected = _fill(case.run_line, batch)
+    assert mine == [expected], batch.proc.stderr
+    assert (entry["status"], entry["error_class"], entry["message"]) == ("failed", case.error_class, expected.split(": failed: ", 1)[1])
+    assert not (batch.dir / "out" / case.name / "_SUCCESS").exists()
+    record(f"run/{case.name} (subject failed, batch exit 1)", expected.replace(str(batch.dir), "<dir>"))
+
+
+def test_run_exit_code_and_good_subjects_finish(batch: Batch):
+    assert batch.proc.returncode == 1, batch.proc.stderr  # some subjects failed, not all of them for bad input
+    assert "Traceback" not in batch.proc.stderr + batch.proc.stdout
+    failed = [c.name for c in RUN_CASES if c.error_class]
+    assert batch.errors == [_fill(c.run_line, batch) for c in RUN_CASES if c.run_line] + [
+        f"{len(failed)} of {len(RUN_CASES)} subject(s) failed"]
+
+
+def test_awkward_but_usable_photos_are_used_with_warnings_and_junk_is_ignored_silently(batch: Batch):
+    good = f"good: {batch.dir}/good"
+    assert [w for w in batch.warnings if w.startswith("good: ")] == [
+        f"{good}/anim.gif: animated image with 3 frames; using the first frame",
+        f"{good}/img9-copy.png: same bytes as {batch.dir}/good/img0.png; duplicate skipped",
+    ]
+    for line in [w for w in batch.warnings if w.startswith("good: ")]:
+        record("run/good (subject succeeded, warning)", line.replace(str(batch.dir), "<dir>"))
+    silent = ["cmyk.jpg", "scan16.png", "gray.png", "logo.png", "phone.jpg", "portrait.jpg", ".DS_Store", "Thumbs.db",
+              "._img0.png"]
+    for name in silent:
+        assert name not in batch.proc.stderr + batch.proc.stdout
+    record("run/good (subject succeeded, no line)", "CMYK, 16-bit, grayscale, palette+transparency, EXIF-rotated and "
+           "multi-picture (MPO) photos are converted silently; .DS_Store, Thumbs.db and ._* files are ignored silently")
+    metrics = json.loads((batch.dir / "out" / "good" / "metrics.json").read_text())
+    # img0, img1, cmyk, scan16, gray, logo, anim, phone, portrait: the copy is dropped, system files never listed
+    assert metrics["instance_images"] == 9
+
+
+def test_report_lists_every_subject_with_status_class_and_message(batch: Batch):
+    assert batch.report == batch.stored_report
+    assert [s["id"] for s in batch.report["subjects"]] == [c.name for c in RUN_CASES]
+    for s, c in zip(batch.report["subjects"], RUN_CASES):
+        assert s["status"] == ("failed" if c.error_class else "succeeded")
+        assert s["error_class"] == c.error_class
+        assert (s["message"] is None) == (c.error_class is None)
+
+
+def test_nothing_from_storage_is_unpickled(batch: Batch):
+    assert not (batch.dir / "PWNED").exists(), "a stored checkpoint was unpickled and ran code"
+    assert "set_vital" not in batch.proc.stderr  # library warnings do not clutter the one-line errors
+
+
+def test_full_disk_keeps_the_previous_checkpoint_and_a_rerun_resumes_from_it(batch: Batch):
+    import torch
+
+    from dbbatch.checkpoints import read_meta
+
+    stored = sorted((batch.dir / "out" / "disk-full" / "checkpoints").iterdir())
+    assert [p.name for p in stored] == ["step-0000001.ckpt"]
+    ckpt = torch.load(stored[0], map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 1 and ckpt["state_dict"]
+    assert read_meta(stored[0])["subject"] == "disk-full"
+    assert not list((batch.work / "subjects" / "disk-full" / "checkpoints").glob(".*.part")), "partial file left behind"
+
+    env = {k: v for k, v in batch.env.items() if k != "DBBATCH_FAULTS"}
+    again = run_cli("run", "m.yaml", "--only", "disk-full", env=env, cwd=batch.dir)
+    assert again.returncode == 0, again.stderr
+    metrics = json.loads((batch.dir / "out" / "disk-full" / "metrics.json").read_text())
+    assert (metrics["resumed_from_step"], metrics["steps"]) == (1, 3)
+    record("run/disk-full, rerun without the fault (exit 0)", "resumes from the intact step-0000001.ckpt and finishes")
+
+
+def test_validate_reports_every_bad_image_before_a_run(batch: Batch, cli_in_process):
+    """`dbbatch validate` reads and decodes every image: each bad file is one line, found before any training."""
+    got = cli_in_process("validate", "m.yaml", cwd=batch.dir)
+    expected = [_fill(c.validate_line, batch) for c in RUN_CASES if c.validate_line]
+    assert (got.exit_code, got.errors) == (2, expected), got.text
+    for c, line in zip([c for c in RUN_CASES if c.validate_line], got.errors):
+        record(f"validate/{c.name} (exit 2)", line.replace(str(batch.dir), "<dir>"))
+
+
+def test_secrets_never_written(batch: Batch):
+    planted = list(SECRETS.values()) + OPTION_SECRETS + ["AKIAPLANTED"]
+    printed = batch.proc.stdout + batch.proc.stderr
+    for secret in planted:
+        assert secret not in printed
+    for path in [p for p in batch.dir.rglob("*") if p.is_file() and p.name != "m.yaml"]:
+        data = path.read_bytes()
+        for secret in planted:
+            assert secret.encode() not in data, f"{secret} written to {path}"
+    config = yaml.safe_load((batch.dir / "out" / "good" / "config.yaml").read_text())
+    assert config["storage_options"] == {"file": {"password": "***", "client_kwargs": {"client_secret": "***"}}}
+    record("security/planted-secrets (env and storage_options)", "never printed, never in config.yaml (shown as ***), "
+           "metrics.json, logs or the run reports")
+
+
+def test_generated_names_come_only_from_validated_ids(batch: Batch):
+    """Everything the batch wrote lies in <output>/<subject id>/ (or _runs/); ids were checked by the manifest."""
+    from dbbatch.manifest import id_problem
+
+    top = {p.name for p in (batch.dir / "out").iterdir()}
+    assert top <= {c.name for c in RUN_CASES} | {"_runs", "_priors"}  # _priors: validate's write probe
+    assert all(id_problem(name) is None for name in top - {"_runs", "_priors"})
