@@ -57,9 +57,9 @@ def load_tokenizer(base_model: str, base_dir: Optional[Path], storage: Any, chec
 
         if not storage.exists(join(where, "model_index.json")):
             raise ModelError(f"base_model {base_model!r}: not a diffusers folder (no model_index.json there)")
-        tmp = Path(tempfile.mkdtemp(prefix="dbbatch-tok-"))
-        storage.fetch_tree(join(where, "tokenizer"), tmp)
-        return CLIPTokenizer.from_pretrained(str(tmp))
+        with tempfile.TemporaryDirectory(prefix="dbbatch-tok-") as tmp:
+            storage.fetch_tree(join(where, "tokenizer"), Path(tmp))
+            return CLIPTokenizer.from_pretrained(tmp)
     return None
 
 
@@ -68,8 +68,11 @@ def check_manifest(manifest: Manifest, base_dir: Optional[Path], storage: Any, c
     """All problems (errors) and warnings; nothing raised for per-item problems."""
     from dbbatch.images import has_image_suffix
 
+    from dbbatch.storage import secret_option_paths
+
     problems: list[str] = []
-    warnings: list[str] = []
+    warnings: list[str] = [f"{path}: looks like a secret; credentials belong in the environment or the pod's identity, "
+                           "not in the manifest (it is redacted in config.yaml)" for path in secret_option_paths(manifest.storage_options)]
     try:
         tokenizer = load_tokenizer(manifest.base_model, base_dir, storage, check_remote)
     except DbbatchError as e:
