@@ -160,26 +160,29 @@ def test_run_with_everything_on_s3(s3: S3, tmp_path: Path, tiny_model_dir: Path)
 
 
 @pytest.mark.slow
-def test_second_manifest_of_the_same_class_reuses_priors(s3: S3, tmp_path: Path):
+def test_second_manifest_of_the_same_class_reuses_priors_and_the_model_download(s3: S3, tmp_path: Path, tiny_model_dir: Path):
+    model_url = s3.put_dir(tiny_model_dir, "models", "tiny")
     fast = {"train": {"max_steps": 2, "checkpoint_every": 2}, "samples": {"seeds": [0], "include_class_prompt": False}}
     first = _manifest(tmp_path, "first", s3, [{"id": "rex", "token": "sks", "class_noun": "dog",
                                                "images": _photos(s3, tmp_path, "rex"), **fast}],
-                      prior_cache=s3.url("shared", "priors"))
+                      base_model=model_url, prior_cache=s3.url("shared", "priors"))
     second = tiny_manifest(tmp_path / "second.yaml", s3.url("other-out"),
                            [{"id": "max", "token": "ohwx", "class_noun": "dog",
                              "images": _photos(s3, tmp_path, "max", (30, 60, 220)), **fast}],
-                           prior_cache=s3.url("shared", "priors"))
+                           base_model=model_url, prior_cache=s3.url("shared", "priors"))
     one = run_cli("run", str(first), env=s3.env())
     assert one.returncode == 0, one.stderr
     assert json.loads(s3.read("out", "rex", "metrics.json"))["priors_generated"] == 2
     assert "generating 2 of 2 class images" in one.stderr
+    assert f"base model {model_url}: downloading" in one.stderr
     priors_before = {k: s3.read("shared", "priors", k) for k in s3.keys("shared", "priors")}
 
-    two = run_cli("run", str(second), env=s3.env())
+    two = run_cli("run", str(second), env=s3.env())  # same work dir: a second pod on the same node
     assert two.returncode == 0, two.stderr
     assert json.loads(s3.read("other-out", "max", "metrics.json"))["priors_generated"] == 0
     assert "class images" not in two.stderr
     assert {k: s3.read("shared", "priors", k) for k in s3.keys("shared", "priors")} == priors_before
+    assert f"base model {model_url}: using the cached copy" in two.stderr and "downloading" not in two.stderr
 
 
 # -- an endpoint outage in the middle of publishing ------------------------------------------------------------
@@ -308,6 +311,7 @@ def test_validate_checks_images_and_output_on_s3(s3: S3, tmp_path: Path, tiny_mo
         {"id": "rex", "token": "sks", "class_noun": "dog", "images": good},
         {"id": "junk", "token": "sks", "class_noun": "dog", "images": s3.url("photos", "junk") + "/"},
         {"id": "none", "token": "sks", "class_noun": "dog", "images": s3.url("photos", "nobody") + "/*.png"},
+        {"id": "nob", "token": "sks", "class_noun": "dog", "images": "s3://no-such-bucket-dbbatch/photos/*.png"},
     ], base_model=model_url)
     proc = run_cli("validate", str(bad), env=s3.env())
     assert proc.returncode == 2, proc.stderr
@@ -315,6 +319,8 @@ def test_validate_checks_images_and_output_on_s3(s3: S3, tmp_path: Path, tiny_mo
     assert problems == [
         "subjects[1].images: none of the 1 file(s) is a readable image (subject junk)",
         f"subjects[2].images: no images found at {s3.url('photos', 'nobody')}/*.png (subject none)",
+        "subjects[3].images: cannot list s3://no-such-bucket-dbbatch/photos: bucket 'no-such-bucket-dbbatch' "
+        "does not exist; create it or fix the URL",
         "output: not writable: cannot write to s3://no-such-bucket-dbbatch/out: bucket 'no-such-bucket-dbbatch' "
         "does not exist; create it or fix the URL",
         "prior_cache: not writable: cannot write to s3://no-such-bucket-dbbatch/out/_priors: bucket "
