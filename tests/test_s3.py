@@ -118,7 +118,7 @@ def _manifest(tmp_path: Path, name: str, s3: S3, subjects: list[dict], **overrid
 
 
 @pytest.mark.slow
-def test_run_with_everything_on_s3(s3: S3, tmp_path: Path, tiny_model_dir: Path):
+def test_run_with_everything_on_s3_then_a_second_manifest_reuses_priors(s3: S3, tmp_path: Path, tiny_model_dir: Path):
     model_url = s3.put_dir(tiny_model_dir, "models", "tiny")
     m = _manifest(tmp_path, "m", s3, [{"id": "rex", "token": "sks", "class_noun": "dog", "images": _photos(s3, tmp_path, "rex")}],
                   base_model=model_url, prior_cache=s3.url("priors"))
@@ -133,19 +133,20 @@ def test_run_with_everything_on_s3(s3: S3, tmp_path: Path, tiny_model_dir: Path)
         assert rel in stored, f"rex/{rel} missing from the bucket: {sorted(stored)}"
     assert len([k for k in stored if k.startswith("samples/prompt") and k.endswith(".png")]) == 2 * 2  # (prompt + class prompt) x 2 seeds
     assert not [k for k in stored if k.startswith("checkpoints/")], "checkpoints are pruned once the subject is done"
-    assert s3.read("out", "rex", "_SUCCESS").decode().strip() in {k[len("_runs/"):-len(".json")] for k in s3.keys("out") if k.startswith("_runs/")}
+    run_ids = {k[len("_runs/"):-len(".json")] for k in s3.keys("out") if k.startswith("_runs/")}
+    assert s3.read("out", "rex", "_SUCCESS").decode().strip() in run_ids
     metrics = json.loads(s3.read("out", "rex", "metrics.json"))
     assert metrics["steps"] == 6 and metrics["priors_generated"] == 2
+    assert "generating 2 of 2 class images" in proc.stderr
     config = yaml.safe_load(s3.read("out", "rex", "config.yaml"))
     assert config["base_model"] == model_url and config["output"] == s3.url("out")
-
-    priors = s3.keys("priors")
+    priors = {k: s3.read("priors", k) for k in s3.keys("priors")}
     assert sorted(k.rsplit("/", 1)[-1] for k in priors) == ["000000.png", "000001.png", "prior.json"]
 
     # the base model was downloaded once into a cache folder named by its URL and content
     cached = [p for p in (s3.work_dir / "cache" / "models").iterdir() if p.name.startswith("remote-")]
     assert len(cached) == 1 and (cached[0] / ".complete").read_text().strip() == model_url
-    assert "base model s3://" in proc.stderr and "downloading" in proc.stderr
+    assert f"base model {model_url}: downloading" in proc.stderr
 
     # the stored model is a plain diffusers folder: download it and load it with diffusers
     import torch
@@ -154,34 +155,22 @@ def test_run_with_everything_on_s3(s3: S3, tmp_path: Path, tiny_model_dir: Path)
     local = tmp_path / "downloaded"
     s3.fs().get(s3.url("out", "rex", "model") + "/", str(local), recursive=True)
     pipe = StableDiffusionPipeline.from_pretrained(str(local))
+    pipe.set_progress_bar_config(disable=True)
     img = pipe("a photo of sks dog", num_inference_steps=2, height=32, width=32,
                generator=torch.Generator().manual_seed(0)).images[0]
     assert img.size == (32, 32)
 
-
-@pytest.mark.slow
-def test_second_manifest_of_the_same_class_reuses_priors_and_the_model_download(s3: S3, tmp_path: Path, tiny_model_dir: Path):
-    model_url = s3.put_dir(tiny_model_dir, "models", "tiny")
-    fast = {"train": {"max_steps": 2, "checkpoint_every": 2}, "samples": {"seeds": [0], "include_class_prompt": False}}
-    first = _manifest(tmp_path, "first", s3, [{"id": "rex", "token": "sks", "class_noun": "dog",
-                                               "images": _photos(s3, tmp_path, "rex"), **fast}],
-                      base_model=model_url, prior_cache=s3.url("shared", "priors"))
+    # another manifest, another output, a subject of the same class: its priors come from the cache, and
+    # the base model from the local download (same work dir: a second pod on the same node)
     second = tiny_manifest(tmp_path / "second.yaml", s3.url("other-out"),
-                           [{"id": "max", "token": "ohwx", "class_noun": "dog",
-                             "images": _photos(s3, tmp_path, "max", (30, 60, 220)), **fast}],
-                           base_model=model_url, prior_cache=s3.url("shared", "priors"))
-    one = run_cli("run", str(first), env=s3.env())
-    assert one.returncode == 0, one.stderr
-    assert json.loads(s3.read("out", "rex", "metrics.json"))["priors_generated"] == 2
-    assert "generating 2 of 2 class images" in one.stderr
-    assert f"base model {model_url}: downloading" in one.stderr
-    priors_before = {k: s3.read("shared", "priors", k) for k in s3.keys("shared", "priors")}
-
-    two = run_cli("run", str(second), env=s3.env())  # same work dir: a second pod on the same node
+                           [{"id": "max", "token": "ohwx", "class_noun": "dog", "images": _photos(s3, tmp_path, "max", (30, 60, 220)),
+                             "train": {"max_steps": 2, "checkpoint_every": 2}, "samples": {"seeds": [0], "include_class_prompt": False}}],
+                           base_model=model_url, prior_cache=s3.url("priors"))
+    two = run_cli("run", str(second), env=s3.env())
     assert two.returncode == 0, two.stderr
     assert json.loads(s3.read("other-out", "max", "metrics.json"))["priors_generated"] == 0
     assert "class images" not in two.stderr
-    assert {k: s3.read("shared", "priors", k) for k in s3.keys("shared", "priors")} == priors_before
+    assert {k: s3.read("priors", k) for k in s3.keys("priors")} == priors
     assert f"base model {model_url}: using the cached copy" in two.stderr and "downloading" not in two.stderr
 
 
@@ -190,7 +179,8 @@ def test_second_manifest_of_the_same_class_reuses_priors_and_the_model_download(
 
 @pytest.mark.slow
 def test_endpoint_outage_mid_publish_then_rerun_does_not_train_again(s3: S3, proxy: CuttableProxy, tmp_path: Path):
-    m = _manifest(tmp_path, "m", s3, [{"id": "rex", "token": "sks", "class_noun": "dog", "images": _photos(s3, tmp_path, "rex")}])
+    m = _manifest(tmp_path, "m", s3, [{"id": "rex", "token": "sks", "class_noun": "dog", "images": _photos(s3, tmp_path, "rex"),
+                                       "train": {"with_prior_preservation": False}}])
     marker = tmp_path / "paused"
     env = s3.env(proxy.url, DBBATCH_FAULTS="pause_at_publish=config", DBBATCH_FAULT_MARKER=str(marker),
                  DBBATCH_RETRY_ATTEMPTS="3", DBBATCH_RETRY_BACKOFF_SECONDS="0.2",
