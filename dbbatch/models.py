@@ -262,8 +262,12 @@ def fetch_remote_folder(url: str, cache_dir: Path, storage: Any) -> Path:
     partial = folder.with_name(folder.name + ".part")
     storage.fetch_tree(url, partial, files)
     (partial / ".complete").write_text(url + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
+    try:
+        partial.rename(folder)
+    except OSError:
+        if not (folder / ".complete").is_file():  # not a process beside this one having finished first
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
     # Older downloads of the same URL are stale now (a base model can be GBs): drop them.
     for other in models.glob("remote-*"):
         marker = other / ".complete"

@@ -192,6 +192,8 @@ def _advice(exc: BaseException, url: str) -> str:
         return f"no credentials found; {creds}"
     if kind == "rejected-credentials":
         return f"the credentials were rejected ({code}); check them ({creds}) and the endpoint they are for"
+    if kind == "denied" and not is_remote(url):
+        return "permission denied; check the permissions of the path and its folder"
     if kind == "denied":
         return f"access denied; check that the credentials in use may read and write there ({creds})"
     if kind == "no-bucket":
@@ -246,8 +248,9 @@ class Storage:
         self.backoff_seconds = backoff_seconds if backoff_seconds is not None else float(os.environ.get("DBBATCH_RETRY_BACKOFF_SECONDS", "0.5"))
         self.max_backoff_seconds = max_backoff_seconds
         self.reporter = reporter
-        # Multipart part size for S3 uploads; None keeps s3fs's (50 MiB, at most 10 parts in flight, so an
-        # upload holds at most ~500 MiB in memory whatever the file's size).
+        # Multipart part size for S3 uploads; None keeps s3fs's 50 MiB. Memory is bounded by the parts in flight
+        # (storage_options.s3.max_concurrency, default 10; the client holds about two copies of each), not by
+        # the file's size.
         self.part_bytes = part_bytes
 
     # -- plumbing ------------------------------------------------------------------------------------------

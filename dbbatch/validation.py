@@ -67,7 +67,6 @@ def check_manifest(manifest: Manifest, base_dir: Optional[Path], storage: Any, c
                    output: str, prior_cache: str) -> tuple[list[str], list[str]]:
     """All problems (errors) and warnings; nothing raised for per-item problems."""
     from dbbatch.images import has_image_suffix
-
     from dbbatch.storage import secret_option_paths
 
     problems: list[str] = []

@@ -144,6 +144,8 @@ def test_failures_are_classified_with_advice():
     for exc, permanent, fragment in _classify_cases():
         assert _is_permanent(exc) is permanent, f"{exc!r}"
         assert fragment in _advice(exc, "s3://bkt/out/x.png"), f"{exc!r}: {_advice(exc, 's3://bkt/out/x.png')}"
+    assert _advice(PermissionError(13, "Permission denied"), "/data/out") == "permission denied; check the permissions of the path and its folder"
+    assert _advice(_client_error("AccessDenied", 403), "gs://bkt/x").endswith("(set GOOGLE_APPLICATION_CREDENTIALS, or give the pod a workload identity)")
 
 
 def test_transient_failures_are_retried_permanent_ones_are_not(caplog):
