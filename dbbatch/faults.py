@@ -8,6 +8,9 @@ DBBATCH_FAULTS is a ';'-separated list:
   disk_full_checkpoint[=STEP]
                        when writing a checkpoint (only the one of step STEP, if given), raise ENOSPC after
                        writing part of the file
+  pause_at_publish=P   at publish point P of a subject (see on_publish), write P to $DBBATCH_FAULT_MARKER and
+                       wait until the file `$DBBATCH_FAULT_MARKER.continue` exists or SIGTERM arrives (tests
+                       cut the storage endpoint meanwhile, then let publishing go on)
 """
 
 from __future__ import annotations
@@ -63,3 +66,20 @@ def on_checkpoint_write(path: Path) -> None:
         with open(path, "wb") as fh:
             fh.write(b"\0" * 1024)
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def on_publish(point: str) -> None:
+    """A named moment of publishing a subject's outputs. Points: 'config' (the model, _stage.json, samples
+    and logs are stored; config.yaml, metrics.json and _SUCCESS are not)."""
+    if _faults().get("pause_at_publish") != point:
+        return
+    from dbbatch import signals
+
+    marker = os.environ.get("DBBATCH_FAULT_MARKER")
+    if not marker:
+        return
+    Path(marker).write_text(point)
+    go_on = Path(marker + ".continue")
+    deadline = time.monotonic() + 300
+    while not go_on.exists() and not signals.requested() and time.monotonic() < deadline:
+        time.sleep(0.05)

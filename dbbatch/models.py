@@ -244,6 +244,47 @@ def resolve_source(source: str, base_dir: Optional[Path]) -> tuple[str, str]:
     return "hub", source  # "org/name", not a local folder
 
 
+def remote_cache_name(url: str, listing_digest: str) -> str:
+    """Cache folder name of a remote model: its URL and its content (so a model replaced in place under the
+    same URL is downloaded again, never mixed with the old one)."""
+    return "remote-" + hashlib.sha256(f"{url}\n{listing_digest}".encode()).hexdigest()[:16]
+
+
+def fetch_remote_folder(url: str, cache_dir: Path, storage: Any) -> Path:
+    """A diffusers folder at an fsspec URL, downloaded once into `cache_dir/models/` and reused while the
+    listing (names, sizes, ETags) is unchanged. Files land in `<name>.part/` first (an interrupted download
+    resumes there) and the folder takes its final name only when complete."""
+    from dbbatch.storage import listing_digest, redact
+
+    files = storage.list_tree(url)
+    if not any(f.rel == "model_index.json" for f in files):
+        raise ModelError(f"base_model {redact(url)!r}: no diffusers folder there (no model_index.json); "
+                         "upload a Stable Diffusion folder saved with save_pretrained, or fix the URL")
+    models = cache_dir / "models"
+    folder = models / remote_cache_name(url, listing_digest(files))
+    if (folder / ".complete").is_file():
+        log.info("base model %s: using the cached copy in %s", redact(url), folder)
+        return folder
+    size = sum(f.size for f in files)
+    log.info("base model %s: downloading %d files (%.1f MiB) to %s", redact(url), len(files), size / 2**20, folder)
+    partial = folder.with_name(folder.name + ".part")
+    storage.fetch_tree(url, partial, files)
+    (partial / ".complete").write_text(url + "\n")
+    try:
+        partial.rename(folder)
+    except OSError:
+        if not (folder / ".complete").is_file():  # not a process beside this one having finished first
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+    # Older downloads of the same URL are stale now (a base model can be GBs): drop them.
+    for other in models.glob("remote-*"):
+        marker = other / ".complete"
+        if other != folder and marker.is_file() and marker.read_text().strip() == url:
+            log.info("base model %s changed; removing the old copy %s", redact(url), other)
+            shutil.rmtree(other, ignore_errors=True)
+    return folder
+
+
 def load_base_model(source: str, base_dir: Optional[Path], cache_dir: Path, storage: Any) -> BaseModel:
     """Any `base_model` value -> a frozen BaseModel with a snapshot of its trainable weights."""
     kind, where = resolve_source(source, base_dir)
@@ -258,13 +299,7 @@ def load_base_model(source: str, base_dir: Optional[Path], cache_dir: Path, stor
     if kind == "local":
         return load_folder(Path(where), source)
     if kind == "remote":
-        key = hashlib.sha256(where.encode()).hexdigest()[:16]
-        folder = cache_dir / "models" / f"remote-{key}"
-        if not (folder / ".complete").exists():
-            log.info("downloading base model %s", where)
-            storage.fetch_tree(where, folder)
-            (folder / ".complete").write_text(where)
-        return load_folder(folder, source)
+        return load_folder(fetch_remote_folder(where, cache_dir, storage), source)
     try:
         from huggingface_hub import snapshot_download
 

@@ -1,14 +1,20 @@
 """All file and object-store I/O: the only module that imports fsspec (and, through it, s3fs).
 
-Locations are strings: a local path or any fsspec URL (s3://, gs://, memory://, file://). Remote calls are
-wrapped in a bounded retry with exponential backoff and full jitter for transient errors (connection reset,
-5xx, throttling); permanent ones (no such bucket/key, access denied, bad credentials) raise StorageError at
-once, naming the URL and what to check. Writes are atomic per object: local files go to a temporary name
-and are renamed; object stores make a PUT visible only when complete.
+Locations are strings: a local path or any fsspec URL (s3://, gs://, memory://, file://). Every call is
+wrapped in a bounded retry with exponential backoff and full jitter for transient errors (connection refused
+or reset, 5xx, throttling); permanent ones (no such bucket/key, access denied, missing or rejected
+credentials) raise StorageError at once, naming the URL and what to check. Writes are atomic per object:
+local files go to a temporary name and are renamed; object stores make a PUT visible only when complete.
+
+botocore retries each request on its own (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE); the retry here is around whole
+operations (DBBATCH_RETRY_ATTEMPTS, DBBATCH_RETRY_BACKOFF_SECONDS), so it also rides out an outage longer
+than botocore's few seconds of backoff.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -16,6 +22,7 @@ import random
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, TypeVar
 
@@ -29,15 +36,39 @@ T = TypeVar("T")
 
 IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 SECRET_KEY_RE = re.compile(r"secret|password|passwd|token|credential|session|(^|_)key($|_)|access_key", re.I)
+USERINFO_RE = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ inside a URL
 PROGRESS_MIN_BYTES = 4 * 1024 * 1024
+MULTIPART_PROTOCOLS = ("s3", "s3a")  # whose put_file takes `chunksize` (the multipart part size)
 
-# Words in an error that mean retrying cannot help. s3fs maps most S3 error codes to FileNotFoundError /
-# PermissionError already; these cover the ones it passes through as plain OSError or botocore errors.
-_PERMANENT_HINTS = (
-    "NoSuchBucket", "NoSuchKey", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-    "Unable to locate credentials", "NoCredentialsError", "InvalidBucketName", "AllAccessDisabled",
-    "ExpiredToken", "InvalidToken",
-)
+# How failures are told apart. s3fs turns S3 error codes into FileNotFoundError / PermissionError / OSError
+# and keeps the botocore ClientError as __cause__ (the code is read from there); connection-level failures
+# arrive as botocore or aiohttp exceptions. Matching class names keeps fsspec the only import here.
+_TRANSIENT_CLASSES = {  # anywhere in the exception's MRO
+    "ConnectionError", "HTTPClientError", "TimeoutError", "IncompleteReadError", "ClientPayloadError",
+    "ServerDisconnectedError", "ClientConnectionError", "ClientOSError", "ResponseStreamingError",
+}
+_NO_CREDENTIALS_CLASSES = {
+    "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "TokenRetrievalError",
+    "SSOTokenLoadError", "ProfileNotFound",
+}
+_TRANSIENT_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
+    "RequestTimeout", "InternalError", "ServiceUnavailable", "OperationAborted", "500", "502", "503", "504",
+}
+_REJECTED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"}
+_DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403"}
+_WRONG_REGION_CODES = {"PermanentRedirect", "301", "307", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"}
+_BAD_NAME_CODES = {"InvalidBucketName", "KeyTooLongError", "InvalidURI"}
+_TRANSIENT_ERRNOS = {
+    None, errno.EIO, errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+    errno.ECONNABORTED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EPIPE, getattr(errno, "EREMOTEIO", errno.EIO),
+}
+_CREDENTIAL_HINTS = {
+    "s3": "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or give the pod an IAM role (IRSA)",
+    "gs": "set GOOGLE_APPLICATION_CREDENTIALS, or give the pod a workload identity",
+    "az": "set AZURE_STORAGE_ACCOUNT_NAME/AZURE_STORAGE_ACCOUNT_KEY, or give the pod a managed identity",
+}
+_CREDENTIAL_HINTS.update(s3a=_CREDENTIAL_HINTS["s3"], gcs=_CREDENTIAL_HINTS["gs"], abfs=_CREDENTIAL_HINTS["az"])
 
 
 def protocol_of(location: str) -> str:
@@ -56,38 +87,130 @@ def join(base: str, *parts: str) -> str:
 
 
 def redact(value: Any) -> Any:
-    """A copy of `value` with every secret-looking mapping value replaced, for logs, config.yaml, metrics."""
+    """A copy of `value` fit for logs, config.yaml and metrics: secret-looking mapping values become '***'
+    and user:password@ inside URLs is dropped."""
     if isinstance(value, dict):
         return {k: ("***" if isinstance(k, str) and SECRET_KEY_RE.search(k) and v else redact(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
+    if isinstance(value, str):
+        return USERINFO_RE.sub("***@", value)
     return value
 
 
+def secret_option_paths(options: dict[str, Any], prefix: str = "storage_options") -> list[str]:
+    """Field paths of the secret-looking values in storage_options (secrets belong in the environment)."""
+    out = []
+    for k, v in options.items():
+        where = f"{prefix}.{k}"
+        if isinstance(v, dict):
+            out += secret_option_paths(v, where)
+        elif v and (SECRET_KEY_RE.search(str(k)) or (isinstance(v, str) and USERINFO_RE.search(v))):
+            out.append(where)
+    return out
+
+
+@dataclass(frozen=True, order=True)
+class FileInfo:
+    """One file of a listed folder."""
+
+    rel: str  # path below the listed folder, '/'-separated
+    size: int
+    version: str  # ETag / generation / mtime: changes whenever the content does
+
+
+def listing_digest(files: Iterable[FileInfo]) -> str:
+    """A digest of a folder listing (names, sizes, versions): the same digest means the same content, known
+    without reading a byte of it (an S3 ETag is the MD5 of the object, or of its multipart parts)."""
+    rows = sorted((f.rel, f.size, f.version) for f in files)
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
+    """Seconds to wait after failed attempt `attempt` (1-based): uniform in [0, min(cap, base * 2**(attempt-1))].
+    Full jitter (AWS's recommendation) keeps many pods that hit the same throttled bucket from retrying in step."""
+    return rand() * min(cap, base * 2 ** (attempt - 1))
+
+
+def _error_code(exc: BaseException) -> Optional[str]:
+    """The service's error code (e.g. 'NoSuchBucket') from the exception or the botocore error it wraps."""
+    seen: set[int] = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            if code:
+                return str(code)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _kind(exc: BaseException) -> str:
+    """What went wrong, in the terms `_advice` uses. Everything but 'transient' is permanent."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    code = _error_code(exc)
+    text = str(exc).lower()
+    if names & _NO_CREDENTIALS_CLASSES or "unable to locate credentials" in text:
+        return "no-credentials"
+    if code == "NoSuchBucket" or (isinstance(exc, FileNotFoundError) and "bucket does not exist" in text):
+        return "no-bucket"
+    if code in _REJECTED_CODES:
+        return "rejected-credentials"
+    if code in _WRONG_REGION_CODES or getattr(exc, "errno", None) == getattr(errno, "EREMCHG", -1):
+        return "wrong-region"
+    if code in _DENIED_CODES or isinstance(exc, PermissionError):
+        return "denied"
+    if isinstance(exc, FileNotFoundError) or code in ("NoSuchKey", "404"):
+        return "missing"
+    if code in _BAD_NAME_CODES or "ParamValidationError" in names:
+        return "bad-name"
+    if code in _TRANSIENT_CODES or names & _TRANSIENT_CLASSES:
+        return "transient"
+    if isinstance(exc, (IsADirectoryError, NotADirectoryError, FileExistsError)):
+        return "conflict"
+    if isinstance(exc, OSError):
+        return "transient" if exc.errno in _TRANSIENT_ERRNOS else "os"
+    return "error"  # a bug or a misuse (ValueError, TypeError, ...): retrying cannot help
+
+
 def _is_permanent(exc: BaseException) -> bool:
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)):
-        return True
-    text = f"{type(exc).__name__}: {exc}"
-    return any(h in text for h in _PERMANENT_HINTS)
+    return _kind(exc) != "transient"
+
+
+def _first_line(exc: BaseException) -> str:
+    line = str(exc).splitlines()[0] if str(exc) else ""
+    return USERINFO_RE.sub("***@", line)[:300]
 
 
 def _advice(exc: BaseException, url: str) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    if "NoSuchBucket" in text or ("bucket" in text.lower() and isinstance(exc, FileNotFoundError)):
-        return f"the bucket in {url} does not exist; create it or fix the URL"
-    if isinstance(exc, FileNotFoundError):
-        return f"{url} does not exist; check the path"
-    if "credentials" in text.lower() or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text or "Token" in text:
-        return (
-            f"no valid credentials for {url}; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or the pod's "
-            "service-account identity) with access to it"
-        )
-    if isinstance(exc, PermissionError) or "AccessDenied" in text:
-        return f"access denied to {url}; grant the credentials in use read/write permission on it"
-    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
-        return f"{exc.strerror} at {url}"
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return f"{type(exc).__name__} at {url}: {first[:300]}"
+    """What is wrong and what to check after an operation on `url` failed (the caller names the URL)."""
+    kind, proto, code = _kind(exc), protocol_of(url), _error_code(exc)
+    creds = _CREDENTIAL_HINTS.get(proto, f"check the credentials configured for {proto}://")
+    if kind == "no-credentials":
+        return f"no credentials found; {creds}"
+    if kind == "rejected-credentials":
+        return f"the credentials were rejected ({code}); check them ({creds}) and the endpoint they are for"
+    if kind == "denied" and not is_remote(url):
+        return "permission denied; check the permissions of the path and its folder"
+    if kind == "denied":
+        return f"access denied; check that the credentials in use may read and write there ({creds})"
+    if kind == "no-bucket":
+        bucket = url.split("://", 1)[-1].split("/", 1)[0]
+        return f"bucket {bucket!r} does not exist; create it or fix the URL"
+    if kind == "missing":
+        return "no such file or object; check the path"
+    if kind == "wrong-region":
+        return (f"the bucket is in another region ({code or 'redirect'}); set AWS_DEFAULT_REGION or "
+                f"storage_options.{proto}.client_kwargs.region_name to its region")
+    if kind == "bad-name":
+        return f"not a valid bucket or object name ({_first_line(exc)})"
+    if kind == "transient":
+        return f"storage unreachable or failing ({type(exc).__name__}: {_first_line(exc)}); check the network and the storage endpoint"
+    if kind == "os" and isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 class _ProgressCallback(Callback):
@@ -114,24 +237,29 @@ class Storage:
     def __init__(
         self,
         storage_options: Optional[dict[str, dict[str, Any]]] = None,
-        attempts: int = int(os.environ.get("DBBATCH_RETRY_ATTEMPTS", "5")),
-        backoff_seconds: float = float(os.environ.get("DBBATCH_RETRY_BACKOFF_SECONDS", "0.5")),
+        attempts: Optional[int] = None,
+        backoff_seconds: Optional[float] = None,
         max_backoff_seconds: float = 8.0,
         reporter: Any = None,
+        part_bytes: Optional[int] = None,
     ):
         self.options = storage_options or {}
-        self.attempts = max(1, attempts)
-        self.backoff_seconds = backoff_seconds
+        self.attempts = max(1, attempts if attempts is not None else int(os.environ.get("DBBATCH_RETRY_ATTEMPTS", "5")))
+        self.backoff_seconds = backoff_seconds if backoff_seconds is not None else float(os.environ.get("DBBATCH_RETRY_BACKOFF_SECONDS", "0.5"))
         self.max_backoff_seconds = max_backoff_seconds
         self.reporter = reporter
+        # Multipart part size for S3 uploads; None keeps s3fs's 50 MiB. Memory is bounded by the parts in flight
+        # (storage_options.s3.max_concurrency, default 10; the client holds about two copies of each), not by
+        # the file's size.
+        self.part_bytes = part_bytes
 
     # -- plumbing ------------------------------------------------------------------------------------------
     def _fs(self, url: str) -> tuple[Any, str]:
         proto = protocol_of(url)
         try:
             fs, path = fsspec.core.url_to_fs(url, **self.options.get(proto, {}))
-        except (ImportError, ValueError) as e:
-            raise StorageError(f"unsupported location {url!r}: {e}") from None
+        except (ImportError, ValueError, TypeError) as e:
+            raise StorageError(f"unsupported location {redact(url)!r}: {_first_line(e)}") from None
         return fs, path
 
     def _call(self, what: str, url: str, fn: Callable[[], T]) -> T:
@@ -142,11 +270,13 @@ class Storage:
             except StorageError:
                 raise
             except Exception as e:  # noqa: BLE001 - classified below, re-raised as StorageError
-                if _is_permanent(e) or attempt == self.attempts:
-                    suffix = "" if _is_permanent(e) else f" (gave up after {attempt} attempts)"
-                    raise StorageError(f"cannot {what}: {_advice(e, url)}{suffix}") from e
-                delay = random.uniform(0, min(self.max_backoff_seconds, self.backoff_seconds * 2 ** (attempt - 1)))
-                log.warning("retrying %s of %s in %.1fs (attempt %d/%d): %s", what, url, delay, attempt, self.attempts, type(e).__name__)
+                permanent = _is_permanent(e)
+                if permanent or attempt == self.attempts:
+                    suffix = "" if permanent else f" (gave up after {attempt} attempts)"
+                    raise StorageError(f"cannot {what} {redact(url)}: {_advice(e, url)}{suffix}") from e
+                delay = backoff_delay(attempt, self.backoff_seconds, self.max_backoff_seconds)
+                log.warning("retrying %s of %s in %.1fs (attempt %d/%d failed: %s)", what, redact(url), delay, attempt,
+                            self.attempts, type(e).__name__)
                 time.sleep(delay)
                 if is_remote(url):
                     fs, _ = self._fs(url)
@@ -156,6 +286,15 @@ class Storage:
     def check_location(self, url: str) -> None:
         """Raise StorageError if no fsspec filesystem handles `url` (unknown protocol, missing package)."""
         self._fs(url)
+
+    def _url(self, url: str, path: str) -> str:
+        """A path from a listing of `url`'s filesystem, written the way `url` is (local path or URL)."""
+        proto = protocol_of(url)
+        if proto == "file" and "://" not in url:
+            return path
+        if proto == "memory":
+            path = path.lstrip("/")  # fsspec roots memory:// paths at '/'; keep the memory://x form users write
+        return f"{proto}://{path.split('://', 1)[-1]}"
 
     # -- reading -------------------------------------------------------------------------------------------
     def exists(self, url: str) -> bool:
@@ -178,26 +317,35 @@ class Storage:
         try:
             return json.loads(self.read_bytes(url))
         except StorageError as e:
-            if isinstance(e.__cause__, FileNotFoundError):
+            if isinstance(e.__cause__, FileNotFoundError) and _kind(e.__cause__) == "missing":
                 return None
             raise
 
     def list_files(self, url: str) -> list[str]:
-        """Files directly inside a folder, as full URLs/paths in name order (empty if the folder is missing)."""
+        """Files directly inside a folder, in name order (empty if the folder is missing, an error if its
+        bucket is)."""
         fs, path = self._fs(url)
 
         def ls() -> list[str]:
             try:
                 entries = fs.ls(path, detail=True)
-            except FileNotFoundError:
+            except FileNotFoundError as e:
+                if _kind(e) == "no-bucket":
+                    raise
                 return []
             return sorted(e["name"] for e in entries if e.get("type") == "file")
 
-        return [self._unstrip(url, p) for p in self._call("list", url, ls)]
+        return [self._url(url, p) for p in self._call("list", url, ls)]
 
     def glob(self, url: str) -> list[str]:
         fs, path = self._fs(url)
-        return [self._unstrip(url, p) for p in sorted(self._call("list", url, lambda: fs.glob(path))) if fs.isfile(p)]
+        found = self._call("list", url, lambda: fs.glob(path, detail=True))
+        files = sorted(p for p, info in found.items() if info.get("type") == "file")
+        if not files and is_remote(url):
+            # s3fs answers a glob in a missing bucket with no matches; listing the fixed part of the pattern
+            # raises the 'bucket does not exist' a user needs to see instead.
+            self.list_files(re.split(r"[*?\[]", url, maxsplit=1)[0].rsplit("/", 1)[0])
+        return [self._url(url, p) for p in files]
 
     def expand(self, locations: Iterable[str]) -> list[str]:
         """Folder / glob / file locations -> file URLs. Hidden system files (.DS_Store, ...) are dropped."""
@@ -212,15 +360,26 @@ class Storage:
             out += [f for f in found if not _ignored(f)]
         return out
 
-    @staticmethod
-    def _unstrip(url: str, path: str) -> str:
-        proto = protocol_of(url)
-        if proto == "file" and "://" not in url:
-            return path
-        return f"{proto}://{path.split('://', 1)[-1]}"
+    def list_tree(self, url: str) -> list[FileInfo]:
+        """Every file below the folder `url` with its size and version (empty if there is none)."""
+        fs, path = self._fs(url)
+        root = path.rstrip("/") + "/"
+
+        def find() -> dict[str, dict[str, Any]]:
+            try:
+                return fs.find(path, detail=True)
+            except FileNotFoundError as e:
+                if _kind(e) == "no-bucket":
+                    raise
+                return {}
+
+        found = self._call("list", url, find)
+        return sorted(FileInfo(name[len(root):], int(info.get("size") or 0), _version_of(info))
+                      for name, info in found.items() if info.get("type") == "file" and name.startswith(root))
 
     def fetch(self, url: str, local: Path) -> Path:
-        """Download one file to `local` (temp name, then rename); skipped when it is already there."""
+        """Download one file to `local` (temp name, then rename); skipped when it is already there, which
+        only a finished download can be."""
         if local.exists():
             return local
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -241,25 +400,23 @@ class Storage:
             tmp.unlink(missing_ok=True)
         return local
 
-    def fetch_tree(self, url: str, local_dir: Path) -> Path:
-        """Download every file below `url` into `local_dir`, keeping relative paths; existing files are kept."""
-        fs, path = self._fs(url)
-        files = self._call("list", url, lambda: fs.find(path))
+    def fetch_tree(self, url: str, local_dir: Path, files: Optional[list[FileInfo]] = None) -> Path:
+        """Download every file below `url` (or the given listing of it) into `local_dir`, keeping relative
+        paths; files already there are kept, so an interrupted download resumes."""
+        files = self.list_tree(url) if files is None else files
         if not files:
-            raise StorageError(f"cannot download: {url} is empty or does not exist")
-        root = path.rstrip("/")
+            raise StorageError(f"cannot download {redact(url)}: no files there; check the path")
         for f in files:
-            rel = f[len(root) :].lstrip("/")
-            self.fetch(join(url, rel), local_dir / rel)
+            self.fetch(join(url, f.rel), local_dir / f.rel)
         return local_dir
 
     # -- writing -------------------------------------------------------------------------------------------
     def write_bytes(self, url: str, data: bytes) -> None:
         fs, path = self._fs(url)
-        if not is_remote(url):
-            _atomic_local_write(Path(path), data)
-            return
-        self._call("write", url, lambda: fs.pipe_file(path, data))
+        if is_remote(url):
+            self._call("write", url, lambda: fs.pipe_file(path, data))
+        else:
+            self._call("write", url, lambda: _atomic_local_write(Path(path), data))
 
     def write_text(self, url: str, text: str) -> None:
         self.write_bytes(url, text.encode("utf-8"))
@@ -268,23 +425,18 @@ class Storage:
         self.write_text(url, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
     def upload(self, local: Path, url: str) -> None:
-        """Upload one file. s3fs streams large files as multipart uploads, so nothing is read whole."""
+        """Upload one file, streamed: locally in 8 MiB chunks; to S3 as one PUT below two parts' size and as a
+        multipart upload above (s3fs reads part by part), so a multi-GB UNet is never read whole."""
         fs, path = self._fs(url)
         if not is_remote(url):
-            dest = Path(path)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-            try:
-                _copy_file(local, tmp)
-                os.replace(tmp, dest)
-            finally:
-                tmp.unlink(missing_ok=True)
+            self._call("upload", url, lambda: _atomic_local_copy(local, Path(path)))
             return
+        kwargs = {"chunksize": self.part_bytes} if self.part_bytes and protocol_of(url) in MULTIPART_PROTOCOLS else {}
 
         def put() -> None:
             cb = _ProgressCallback(self.reporter, f"upload {local.name}")
             try:
-                fs.put_file(str(local), path, callback=cb)
+                fs.put_file(str(local), path, callback=cb, **kwargs)
             finally:
                 cb.close()
 
@@ -313,8 +465,21 @@ class Storage:
     def check_writable(self, url: str) -> None:
         """Write and delete a probe object under `url`, so a bad output location fails before any training."""
         probe = join(url, f"_dbbatch_write_probe_{uuid.uuid4().hex[:8]}")
-        self.write_bytes(probe, b"probe")
-        self.remove(probe)
+        fs, path = self._fs(probe)
+        if is_remote(url):
+            self._call("write to", url, lambda: fs.pipe_file(path, b"probe"))
+        else:
+            self._call("write to", url, lambda: _atomic_local_write(Path(path), b"probe"))
+        self._call("delete a probe file in", url, lambda: fs.rm_file(path))
+
+
+def _version_of(info: dict[str, Any]) -> str:
+    """Whatever the filesystem reports that changes with the content: ETag (S3), md5/generation (GCS),
+    mtime (local), creation time (memory)."""
+    for key in ("ETag", "etag", "md5Hash", "generation", "VersionId", "mtime", "LastModified", "last_modified", "created"):
+        if info.get(key) is not None:
+            return str(info[key]).strip('"')
+    return ""
 
 
 def _ignored(url: str) -> bool:
@@ -323,6 +488,7 @@ def _ignored(url: str) -> bool:
 
 
 def _atomic_local_write(dest: Path, data: bytes) -> None:
+    """Write `data` to a temporary name beside `dest`, fsync, rename: readers see the old file or the new."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
     try:
@@ -331,18 +497,20 @@ def _atomic_local_write(dest: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
-    except OSError as e:
-        raise StorageError(f"cannot write {dest}: {e.strerror or e}") from e
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _copy_file(src: Path, dest: Path) -> None:
+def _atomic_local_copy(src: Path, dest: Path) -> None:
+    """Copy in 8 MiB chunks to a temporary name beside `dest`, fsync, rename."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
     try:
-        with open(src, "rb") as fin, open(dest, "wb") as fout:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
             while chunk := fin.read(8 * 1024 * 1024):
                 fout.write(chunk)
             fout.flush()
             os.fsync(fout.fileno())
-    except OSError as e:
-        raise StorageError(f"cannot write {dest}: {e.strerror or e}") from e
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)

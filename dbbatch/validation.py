@@ -130,9 +130,9 @@ def load_tokenizer(base_model: str, base_dir: Optional[Path], storage: Any, chec
         if not storage.exists(join(where, "model_index.json")):
             raise ModelError(f"base_model {base_model!r}: not a diffusers folder (no model_index.json there); "
                              "point it at a folder saved with save_pretrained")
-        tmp = Path(tempfile.mkdtemp(prefix="dbbatch-tok-"))
-        storage.fetch_tree(join(where, "tokenizer"), tmp)
-        return _tokenizer_from(tmp, base_model)
+        with tempfile.TemporaryDirectory(prefix="dbbatch-tok-") as tmp:
+            storage.fetch_tree(join(where, "tokenizer"), Path(tmp))
+            return _tokenizer_from(Path(tmp), base_model)
     return None
 
 
@@ -185,7 +185,11 @@ def check_manifest(manifest: Manifest, base_dir: Optional[Path], storage: Any, c
                    output: str, prior_cache: str) -> Findings:
     """Every problem and warning; nothing is raised for a per-item problem, so all are reported at once.
     With `check_remote`, also every subject's images (each file is read and decoded) and write access."""
+    from dbbatch.storage import secret_option_paths
+
     found = Findings()
+    found.warnings += [f"{path}: looks like a secret; credentials belong in the environment or the pod's identity, "
+                       "not in the manifest (it is redacted in config.yaml)" for path in secret_option_paths(manifest.storage_options)]
     try:
         tokenizer = load_tokenizer(manifest.base_model, base_dir, storage, check_remote)
     except DbbatchError as e:

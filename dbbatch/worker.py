@@ -375,6 +375,7 @@ class SubjectRun:
         logs = self.work / "logs"
         if logs.exists():
             self.storage.upload_tree(logs, join(self.out, "logs"))
+        faults.on_publish("config")
         config = {
             "subject": self.s.model_dump(mode="json"), "resolution": self.resolution,
             "base_model": self.b.manifest.base_model, "base_model_identity": self.b.model.identity,

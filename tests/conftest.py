@@ -71,3 +71,117 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = run_cli("tiny-model", str(out))
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real S3: a moto server on loopback, started once per session (as s3fs's own test suite does), emptied
+# before each test. The CLI under test reaches it through the standard AWS environment variables.
+
+S3_BUCKET = "dbbatch-test"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(method: str, url: str, timeout: float = 5.0) -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=timeout) as r:
+        return r.status
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory: pytest.TempPathFactory):
+    """`http://127.0.0.1:PORT` of a moto S3 server running as a separate process for the whole session."""
+    import time
+
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    log = open(log_path, "wb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if _http("GET", f"{url}/moto-api/") == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"moto server did not start on {url}: {log_path.read_text()[-2000:]}")
+        time.sleep(0.1)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+class S3:
+    """One test's view of the moto server: an empty bucket, the environment that reaches it, helpers."""
+
+    def __init__(self, endpoint: str, bucket: str, work_dir: Path):
+        self.endpoint, self.bucket, self.work_dir = endpoint, bucket, work_dir
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *(p.strip("/") for p in parts)])
+
+    def aws_env(self, endpoint: str | None = None) -> dict[str, str]:
+        """Dummy credentials (moto accepts any), no shared config files, no instance-metadata lookups."""
+        return {
+            "AWS_ENDPOINT_URL": endpoint or self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+        }
+
+    def env(self, endpoint: str | None = None, **extra: str) -> dict[str, str]:
+        """Environment for `run_cli`: reaches the endpoint (default: moto itself), private work dir."""
+        return cli_env(**{**self.aws_env(endpoint), "DBBATCH_WORK_DIR": str(self.work_dir), **extra})
+
+    def fs(self):
+        """A fresh s3fs filesystem on the endpoint (no listing cache carried over from another test)."""
+        import s3fs
+
+        return s3fs.S3FileSystem(endpoint_url=self.endpoint, key="testing", secret="testing", skip_instance_cache=True)
+
+    def put_dir(self, local: Path, *parts: str) -> str:
+        """Upload a local folder; returns its s3:// URL."""
+        fs = self.fs()
+        dest = self.url(*parts)
+        for f in sorted(p for p in local.rglob("*") if p.is_file()):
+            fs.put_file(str(f), f"{dest}/{f.relative_to(local).as_posix()}")
+        return dest
+
+    def keys(self, *parts: str) -> set[str]:
+        """Object keys below a prefix, relative to it."""
+        prefix = self.url(*parts).split("://", 1)[1].rstrip("/") + "/"
+        return {k[len(prefix):] for k in self.fs().find(prefix)}
+
+    def read(self, *parts: str) -> bytes:
+        return self.fs().cat_file(self.url(*parts))
+
+
+@pytest.fixture
+def s3(moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> S3:
+    """An emptied moto server with one bucket; this process's environment points at it too."""
+    _http("POST", f"{moto_endpoint}/moto-api/reset")
+    s = S3(moto_endpoint, S3_BUCKET, tmp_path / "work")
+    for k, v in s.aws_env().items():
+        monkeypatch.setenv(k, v)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # instances (and their listing caches) outlive a reset
+    s.fs().mkdir(S3_BUCKET)
+    return s
