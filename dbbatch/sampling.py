@@ -55,8 +55,10 @@ def generate(
     negative_prompt: str = "",
     batch_size: int = 4,
     on_image: Optional[Callable[[int, Image.Image], None]] = None,
-) -> list[Image.Image]:
-    """One image per (prompt, seed) pair, `prompts[i]` with `seeds[i]`. DDIM, eta 0: deterministic."""
+    output: str = "pil",
+) -> list[Any]:
+    """One image per (prompt, seed) pair, `prompts[i]` with `seeds[i]`. DDIM, eta 0: deterministic.
+    `output="latent"` returns the final (scaled) latents instead of decoded images."""
     import torch
     from diffusers import DDIMScheduler
 
@@ -91,6 +93,9 @@ def generate(
                 noise = unet(model_in, t, encoder_hidden_states=context).sample
                 noise_uncond, noise_cond = noise.chunk(2)
                 latents = scheduler.step(apply_guidance(noise_uncond, noise_cond, guidance_scale), t, latents).prev_sample
+            if output == "latent":
+                out += list(latents.float().cpu())
+                continue
             pixels = vae.decode(latents / scaling).sample
         for j, img in enumerate(from_tensor(pixels)):
             out.append(img)

@@ -18,6 +18,9 @@ def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DBBATCH_"))}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
+    # One intra-op thread per CLI process: pytest and the CLI share 2 cores, and torch's second thread
+    # spin-waiting for a busy core made runs ~10x slower under load. Bitwise comparisons need equal counts.
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env
 
