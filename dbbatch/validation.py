@@ -175,8 +175,11 @@ def writable_problem(storage: Any, location: str, field_name: str) -> Optional[s
     try:
         storage.check_writable(location)
     except StorageError as e:
-        cause = e.__cause__
-        reason = getattr(cause, "strerror", None) or str(e)
+        from dbbatch.storage import is_remote
+
+        if is_remote(location):  # storage already names the URL and the cause (credentials, bucket, access)
+            return f"{field_name}: {e}"
+        reason = getattr(e.__cause__, "strerror", None) or str(e)
         return f"{field_name}: {location} is not writable ({reason}); grant write access to it or choose another {field_name}"
     return None
 

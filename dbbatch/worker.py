@@ -22,7 +22,7 @@ from typing import Any, Optional
 import yaml
 
 from dbbatch import __version__, faults, signals
-from dbbatch.errors import DbbatchError, ImageError, InputError, Preempted
+from dbbatch.errors import DbbatchError, ImageError, InputError, Preempted, StorageError
 from dbbatch.manifest import Manifest, Subject
 from dbbatch.storage import Storage, join, redact
 
@@ -217,12 +217,20 @@ class SubjectRun:
             log.warning("%s: skipping %s: not an image file name", self.s.id, url)
         if not files:
             raise ImageError(no_images_message(self.s.images))
-        data = ((u, self.storage.read_bytes(u)) for u in files)  # one file's bytes in memory at a time
+        data = ((u, self._read_photo(u)) for u in files)  # one file's bytes in memory at a time
         images, notes = decode_all(data, self.resolution)
         for n in notes:
             log.warning("%s: %s", self.s.id, n)
         log.info("%s: %d instance image(s)", self.s.id, len(images))
         return images
+
+    def _read_photo(self, url: str) -> bytes:
+        try:
+            return self.storage.read_bytes(url)
+        except StorageError as e:
+            if isinstance(e.__cause__, FileNotFoundError):  # a photo the manifest names is missing: bad input
+                raise ImageError(str(e)) from e
+            raise
 
     def class_latents(self) -> Any:
         from dbbatch.images import to_tensor

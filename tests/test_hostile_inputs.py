@@ -413,8 +413,8 @@ RUN_CASES = [
             "glob-matches-nothing: failed: no image files at {dir}/plain/*.heic: the folder is empty or missing, or "
             "the pattern matches nothing; put photos (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp) there or "
             "fix the subject's images"),
-    RunCase("missing-file", ["plain/img0.png", "plain/nope.jpg"], "StorageError",
-            "missing-file: failed: cannot read: {dir}/plain/nope.jpg does not exist; check the path"),
+    RunCase("missing-file", ["plain/img0.png", "plain/nope.jpg"], "ImageError",
+            "missing-file: failed: cannot read {dir}/plain/nope.jpg: no such file or object; check the path"),
     RunCase("out-of-memory", "plain/", "OutOfMemoryError",
             "out-of-memory: failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB (simulated by "
             "DBBATCH_FAULTS); lower train.batch_size or resolution, or set train.gradient_checkpointing: true and "
