@@ -160,3 +160,28 @@ def test_resume_warns_on_changed_settings_and_refuses_another_base_model(tmp_pat
     assert refused.returncode == 1
     assert "stored checkpoint was trained from base model 'builtin:tiny-sd:v1:seed1234'" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_killed_pod_resumes_from_the_bucket(tmp_path: Path, s3, uninterrupted):
+    """Output on the moto S3 endpoint: SIGKILL, then a new pod (empty work dir) resumes from the bucket."""
+    m = _manifest(tmp_path, "on-s3")
+    m.write_text(m.read_text().replace("output: on-s3", f"output: {s3.url('out')}"))
+    marker = tmp_path / "paused"
+    env = s3.env(DBBATCH_WORK_DIR=str(tmp_path / "pod1"), DBBATCH_FAULTS="pause_at_step=6", DBBATCH_FAULT_MARKER=str(marker))
+    proc = subprocess.Popen([sys.executable, "-m", "dbbatch", "run", str(m)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert s3.keys("out", "rex") == {"checkpoints/step-0000004.ckpt"}
+    rerun = run_cli("run", str(m), env=s3.env(DBBATCH_WORK_DIR=str(tmp_path / "pod2")))
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming from {s3.url('out', 'rex', 'checkpoints', 'step-0000004.ckpt')}" in rerun.stderr
+    got = tmp_path / "got"
+    got.mkdir()
+    (got / "model.safetensors").write_bytes(s3.read("out", "rex", "model", "unet", "diffusion_pytorch_model.safetensors"))
+    a, b = _trained(uninterrupted[False]), load_file(str(got / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not any("checkpoints" in k for k in s3.keys("out", "rex")), "checkpoints are removed once the subject is done"
