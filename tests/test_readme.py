@@ -1,0 +1,31 @@
+"""The README's commands are what CI runs: make test, make demo, then every dbbatch line (scripts/check_readme.py)."""
+
+from pathlib import Path
+
+from conftest import REPO
+
+import importlib.util
+
+spec = importlib.util.spec_from_file_location("check_readme", REPO / "scripts" / "check_readme.py")
+check_readme = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(check_readme)
+
+
+def test_ci_runs_the_readme_commands():
+    readme = (REPO / "README.md").read_text()
+    commands = check_readme.readme_commands(readme)
+    assert commands[:2] == ["make demo", "make test"]
+    assert {c.split()[1] for c in commands if c.startswith("dbbatch")} >= {"validate", "run", "schema", "tiny-model", "k8s"}
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert "make test" in ci and "make demo" in ci
+    assert any("scripts/check_readme.py" in line for line in ci)
+    assert "make test" in (REPO / ".github" / "workflows" / "ci.yml").read_text() if (REPO / ".github").exists() else True
+
+
+def test_every_shipped_manifest_starts_with_its_command_and_validates():
+    from dbbatch.manifest import load_manifest
+
+    for path in sorted((REPO / "manifests").glob("*.yaml")):
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("#") and ("dbbatch run" in first or "make demo" in first), f"{path.name}: {first}"
+        load_manifest(path)  # raises ManifestError on any problem
