@@ -24,6 +24,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends tini \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 
 # Dependencies first, from pyproject.toml alone: editing the source does not reinstall them.

@@ -260,7 +260,9 @@ def _job(o: JobOptions, labels: dict[str, str], configmap: str) -> dict[str, Any
     }
     if o.queue:
         job_labels["kueue.x-k8s.io/queue-name"] = o.queue
-        spec["suspend"] = True  # Kueue unsuspends the Job when its ClusterQueue admits it
+        # Kueue's webhook would suspend it too; saying so here means no pod starts before admission even if the
+        # webhook is slow or missing (then the Job waits, visibly, instead of bypassing the quota)
+        spec["suspend"] = True
     return {
         "apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": o.name, "namespace": o.namespace, "labels": job_labels},
