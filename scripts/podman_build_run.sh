@@ -31,6 +31,9 @@ if ((${#missing[@]})); then
 fi
 podman --version
 mkdir -p "$STATE"
+# one run at a time on a machine (they share $STATE, the base image and the tag)
+exec 9>"$STATE/lock"
+flock 9
 
 step "base image $BASE"
 if podman image exists "$BASE"; then
