@@ -1,11 +1,13 @@
 # make demo: fresh clone -> .venv -> the demo manifest on the built-in tiny model (outputs/demo/)
 # make test: fresh clone -> .venv with dev extras -> the test suite
+# make lint: hadolint on the Dockerfile;  make k8s-examples: re-render k8s/examples/ (each file names its command)
+# make image: build the image with podman and run the demo in it (scripts/podman_build_run.sh; root, minutes)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: install install-dev demo test lint bench clean
+.PHONY: install install-dev demo test lint k8s-examples image bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +25,18 @@ demo: install
 
 test: install-dev
 	$(BIN)/python -m pytest -q tests
+
+lint: install-dev
+	$(BIN)/hadolint Dockerfile
+
+k8s-examples: install
+	@for f in k8s/examples/*.yaml; do \
+	  cmd=$$(sed -n 2p $$f); cmd=$${cmd#\# dbbatch }; \
+	  eval "$(BIN)/dbbatch $$cmd" > $$f.tmp && mv $$f.tmp $$f && echo "rendered $$f"; \
+	done
+
+image:
+	scripts/podman_build_run.sh
 
 bench: install
 	$(BIN)/python bench/run.py

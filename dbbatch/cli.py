@@ -157,8 +157,9 @@ def run(
     output: Optional[str] = typer.Option(None, "--output", help="Override the manifest's output location."),
     only: Optional[list[str]] = typer.Option(None, "--only", help="Run only this subject id (repeatable)."),
     force: bool = typer.Option(False, "--force", help="Redo subjects that are already done (their outputs are deleted first)."),
-    shard_index: int = typer.Option(int(os.environ.get("JOB_COMPLETION_INDEX", "0")), "--shard-index", help="This shard (default $JOB_COMPLETION_INDEX)."),
-    shard_count: int = typer.Option(int(os.environ.get("DBBATCH_SHARD_COUNT", "1")), "--shard-count", help="Number of shards (default $DBBATCH_SHARD_COUNT)."),
+    # envvar, not os.environ at import: a bad value is a one-line usage error (exit 2), not a traceback
+    shard_index: int = typer.Option(0, "--shard-index", envvar="JOB_COMPLETION_INDEX", help="This shard (a Kubernetes Indexed Job sets $JOB_COMPLETION_INDEX)."),
+    shard_count: int = typer.Option(1, "--shard-count", envvar="DBBATCH_SHARD_COUNT", help="Number of shards."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print this shard's subjects and their state; train nothing, write nothing."),
     report: Optional[str] = typer.Option(None, "--report", help="Also write the machine-readable run report here."),
     work_dir: Path = typer.Option(Path(os.environ.get("DBBATCH_WORK_DIR", Path.home() / ".cache" / "dbbatch")), "--work-dir",
@@ -260,6 +261,67 @@ def _print_table(results) -> None:
         loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "-"
         table.add_row(r.id, r.status, str(r.steps or "-"), loss, f"{r.seconds:.1f}", r.message if r.status == "failed" else r.output)
     Console(width=160 if not sys.stdout.isatty() else None).print(table)
+
+
+@k8s_app.command("render")
+def k8s_render(
+    manifest: Path = typer.Argument(..., help="The manifest YAML (it goes into the ConfigMap as it is)."),
+    image: str = typer.Option(..., "--image", help="The dbbatch image, e.g. registry.example.com/dbbatch:0.1.0."),
+    shards: int = typer.Option(..., "--shards", help="Job completions: the subjects are split into this many shards."),
+    gpus_per_pod: int = typer.Option(1, "--gpus-per-pod", help="nvidia.com/gpu per pod; 0 for CPU nodes."),
+    namespace: str = typer.Option("default", "--namespace", "-n"),
+    name: Optional[str] = typer.Option(None, "--name", help="Job name (default dbbatch-<manifest file name>)."),
+    parallelism: Optional[int] = typer.Option(None, "--parallelism", help="Pods at once (default: --shards)."),
+    output: Optional[str] = typer.Option(None, "--output", help="Passed to `dbbatch run --output` (an object-store URL)."),
+    service_account: Optional[str] = typer.Option(None, "--service-account", help="Run the pods as this ServiceAccount."),
+    sa_annotation: Optional[list[str]] = typer.Option(
+        None, "--sa-annotation", help="KEY=VALUE (repeatable): also render the ServiceAccount with this annotation, "
+        "e.g. eks.amazonaws.com/role-arn=arn:aws:iam::123456789012:role/dbbatch (IRSA)."),
+    secret: Optional[str] = typer.Option(None, "--secret", help="A Secret whose keys become environment variables (envFrom)."),
+    queue: Optional[str] = typer.Option(None, "--queue", help="Kueue LocalQueue name (the Job is created suspended)."),
+    retries: int = typer.Option(3, "--retries", help="backoffLimitPerIndex: failed pods per shard before it is given up."),
+    max_failed_indexes: Optional[int] = typer.Option(None, "--max-failed-indexes", help="Fail the whole Job after this many shards failed (default: never early)."),
+    cpu: str = typer.Option("4", "--cpu", help="CPU request per pod."),
+    memory: str = typer.Option("32Gi", "--memory", help="Memory request and limit per pod (includes /dev/shm)."),
+    shm_size: str = typer.Option("8Gi", "--shm-size", help="/dev/shm size (RAM, counted in --memory)."),
+    scratch_size: str = typer.Option("100Gi", "--scratch-size", help="Scratch volume limit: work dir, model caches, checkpoints being written."),
+    node_selector: Optional[list[str]] = typer.Option(None, "--node-selector", help="KEY=VALUE (repeatable); default nvidia.com/gpu.present=true with GPUs."),
+) -> None:
+    """Print a ConfigMap (the manifest) and an Indexed Job as YAML for `kubectl apply -f -`."""
+    _setup_logging(False)
+    from dbbatch import k8s
+
+    try:
+        m, _ = _load(manifest)  # a missing, unreadable or invalid file reported the usual way
+        text = manifest.read_text(encoding="utf-8")
+        opts = k8s.JobOptions(
+            name=name or k8s.job_name_from(manifest.stem), image=image, shards=shards, gpus_per_pod=gpus_per_pod,
+            namespace=namespace, parallelism=parallelism, output=output, service_account=service_account,
+            service_account_annotations=_pairs("--sa-annotation", sa_annotation), secret=secret, queue=queue,
+            backoff_limit_per_index=retries, max_failed_indexes=max_failed_indexes, cpu=cpu, memory=memory,
+            shm_size=shm_size, scratch_size=scratch_size,
+            node_selector=_pairs("--node-selector", node_selector) if node_selector else None)
+        objects = k8s.render(text, opts, str(manifest))
+    except DbbatchError as e:
+        raise _fail(e) from None
+    for w in k8s.pod_warnings(m, output):
+        log.warning("%s", w)
+    import shlex
+
+    from dbbatch import __version__
+
+    header = f"Rendered by dbbatch {__version__}; do not edit, re-render:\n{shlex.join(['dbbatch', *sys.argv[1:]])}"
+    typer.echo(k8s.to_yaml(objects, header), nl=False)
+
+
+def _pairs(flag: str, items: Optional[list[str]]) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"{flag}: {item!r} is not KEY=VALUE")
+        out[key] = value
+    return out
 
 
 @app.command()

@@ -21,6 +21,9 @@ def shard_of(subject_id: str, shard_count: int) -> int:
 
 
 def select(ids: Sequence[str], shard_index: int, shard_count: int) -> list[str]:
+    """The ids in shard `shard_index` of `shard_count`, in their original order."""
+    if shard_count < 1:
+        raise ValueError(f"shard count must be >= 1, got {shard_count}")
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard index must be in [0, {shard_count}), got {shard_index}")
     return [i for i in ids if shard_of(i, shard_count) == shard_index]
