@@ -29,7 +29,7 @@ RUN apt-get update \
 
 # Dependencies first, from pyproject.toml alone: editing the source does not reinstall them.
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml README.md ./
 RUN python3 -m venv --system-site-packages "$VIRTUAL_ENV" \
  && python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
       > requirements.txt \
