@@ -487,13 +487,13 @@ def _ignored(url: str) -> bool:
     return name.lower() in IGNORED_NAMES or name.startswith("._")
 
 
-def _atomic_local_write(dest: Path, data: bytes) -> None:
-    """Write `data` to a temporary name beside `dest`, fsync, rename: readers see the old file or the new."""
+def _atomic_local(dest: Path, fill: Callable[[Any], None]) -> None:
+    """`fill` a temporary file beside `dest`, fsync, rename: readers see the old file or the new one."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            fill(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
@@ -501,16 +501,16 @@ def _atomic_local_write(dest: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _atomic_local_write(dest: Path, data: bytes) -> None:
+    _atomic_local(dest, lambda fh: fh.write(data))
+
+
 def _atomic_local_copy(src: Path, dest: Path) -> None:
-    """Copy in 8 MiB chunks to a temporary name beside `dest`, fsync, rename."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+    """Copy in 8 MiB chunks, so a multi-GB file is never read whole."""
+
+    def copy(fout: Any) -> None:
+        with open(src, "rb") as fin:
             while chunk := fin.read(8 * 1024 * 1024):
                 fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    _atomic_local(dest, copy)
