@@ -72,6 +72,11 @@ def read_meta(path: Path, source: Optional[str] = None) -> dict[str, Any]:
 
 def resume_warnings(meta: dict[str, Any], model_identity: str, train: Any, subject_id: str) -> list[str]:
     """Refuse a checkpoint of another base model; describe changed training settings and who wins."""
+    from dbbatch.training import CHECKPOINT_FORMAT
+
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"subject {subject_id}: stored checkpoint has format {meta.get('format')}, this dbbatch "
+                              f"resumes format {CHECKPOINT_FORMAT} only; delete {subject_id}/checkpoints/ or rerun with --force")
     if meta.get("base_model") != model_identity:
         raise CheckpointError(
             f"subject {subject_id}: stored checkpoint was trained from base model {meta.get('base_model')!r}, "
@@ -100,7 +105,11 @@ class StoreCheckpoints(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         at_boundary = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         step = trainer.global_step
-        if signals.requested():
+        requested = signals.requested()
+        if trainer.world_size > 1:
+            # DDP: saving is collective, so every rank must take the same branch at the same step.
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested:
             # Lightning saw SIGTERM too and would stop after this micro-batch and exit 0 (Lightning #19916),
             # possibly mid gradient-accumulation. Preemption is ours: hold its flag down until a step boundary.
             trainer._signal_connector.received_sigterm = False
@@ -117,6 +126,11 @@ class StoreCheckpoints(pl.Callback):
 
         started = time.monotonic()
         name = checkpoint_name(step)
+        if not trainer.is_global_zero:
+            # DDP: trainer.save_checkpoint is collective and rank 0 alone writes the file; other ranks only join.
+            trainer.save_checkpoint(self.local_dir / f".{name}.part", weights_only=False)
+            self.last_saved = step
+            return
         self.local_dir.mkdir(parents=True, exist_ok=True)
         local = self.local_dir / name
         tmp = self.local_dir / f".{name}.part"
@@ -130,11 +144,10 @@ class StoreCheckpoints(pl.Callback):
                                "to resume") from e
         finally:
             tmp.unlink(missing_ok=True)
-        if trainer.is_global_zero:
-            self.storage.upload(local, join(self.remote_dir, name))
-            stored = self.storage.list_files(self.remote_dir)
-            for old in prunable(stored, self.keep):
-                self.storage.remove(old)
+        self.storage.upload(local, join(self.remote_dir, name))
+        stored = self.storage.list_files(self.remote_dir)
+        for old in prunable(stored, self.keep):
+            self.storage.remove(old)
         for other in self.local_dir.glob("step-*.ckpt"):  # the store keeps history; local scratch only the newest
             if other != local:
                 other.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from dbbatch.errors import Preempted
 
 _requested_at: Optional[float] = None
+_watched: Any = None  # in a DDP rank: the main process's SIGTERM, as a multiprocessing Event
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -26,7 +27,17 @@ def install() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+def watch(event: Any) -> None:
+    """Also count `event` (set by the main process on SIGTERM) as a request: a spawned DDP rank is not PID 1
+    and does not receive the pod's SIGTERM itself."""
+    global _watched
+    _watched = event
+
+
 def requested() -> bool:
+    global _requested_at
+    if _requested_at is None and _watched is not None and _watched.is_set():
+        _requested_at = time.monotonic()
     return _requested_at is not None
 
 
@@ -36,5 +47,5 @@ def seconds_since_request() -> float:
 
 def check(where: str) -> None:
     """Raise Preempted if SIGTERM arrived; call between units of work that are already stored."""
-    if _requested_at is not None:
+    if requested():
         raise Preempted(f"SIGTERM received; stopped {where}")

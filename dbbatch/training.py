@@ -3,12 +3,14 @@
 The frozen parts run once, before training: the VAE encodes every instance and class image to its latent
 distribution (mean, std), and, when the text encoder is frozen, the two prompts are embedded once. Each step
 then samples latents from the cached distribution, so the VAE and a frozen text encoder are neither run
-nor stored in checkpoints. All randomness of a step comes from one seeded generator whose state is saved in
-every checkpoint, which makes resume-after-kill bitwise exact on CPU.
+nor stored in checkpoints. The randomness of a sample (its latent draw, noise and timestep) is a pure function
+of (seed, epoch, position in the epoch's order), so resume-after-kill is bitwise exact on CPU and the same
+samples get the same noise whether one process or several DDP ranks train them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: per-sample noise keys replace the saved noise generator
 
 
 def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int, prior_loss_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,7 +52,9 @@ def latent_stats(vae: Any, pixels: torch.Tensor, batch_size: int = 8) -> tuple[t
 
 
 class LatentPairs(Dataset):
-    """Item i: instance image i % N paired with class image i % M (as the reference trainer pairs them)."""
+    """Item i: instance image i % N paired with class image i % M (as the reference trainer pairs them).
+
+    Indexed with (i, noise_key) pairs from EpochShuffle; the key travels with the item to training_step."""
 
     def __init__(self, instance: tuple[torch.Tensor, torch.Tensor], klass: Optional[tuple[torch.Tensor, torch.Tensor]]):
         self.instance, self.klass = instance, klass
@@ -58,36 +62,58 @@ class LatentPairs(Dataset):
     def __len__(self) -> int:
         return max(len(self.instance[0]), len(self.klass[0]) if self.klass else 0)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: tuple[int, int]) -> dict[str, torch.Tensor]:
+        i, key = index
         n = len(self.instance[0])
-        item = {"inst_mean": self.instance[0][i % n], "inst_std": self.instance[1][i % n]}
+        item = {"inst_mean": self.instance[0][i % n], "inst_std": self.instance[1][i % n],
+                "noise_key": torch.tensor(key, dtype=torch.int64)}
         if self.klass is not None:
             m = len(self.klass[0])
             item.update(cls_mean=self.klass[0][i % m], cls_std=self.klass[1][i % m])
         return item
 
 
+def noise_key(seed: int, epoch: int, position: int) -> int:
+    """Seed of one sample's randomness, from (seed, epoch, position in the epoch's order); even, < 2**57,
+    so key + 1 (the class example's seed) is distinct from every other key."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{position}".encode(), digest_size=7).digest()
+    return 2 * int.from_bytes(digest, "big")
+
+
 class EpochShuffle(torch.utils.data.Sampler):
-    """A permutation per epoch that depends only on (seed, epoch).
+    """A permutation per epoch that depends only on (seed, epoch), dealt round-robin to `world` DDP ranks.
 
     Lightning calls `set_epoch` at each epoch start with the epoch restored from a checkpoint, and the
     StatefulDataLoader skips the batches already yielded in that epoch, so after a resume the order is exactly
     the uninterrupted one. (A generator carried across epochs, as in torchdata's stateful RandomSampler, came
     back in a different state after a mid-epoch resume here: the next epoch's order diverged.)
+
+    Under DDP (`shard`), rank r takes positions r, r+W, r+2W, ... so that optimizer step k of W ranks with
+    batch B trains exactly positions [kBW, (k+1)BW) of the epoch, the same samples as one process with batch
+    BW. The order is padded to a multiple of W with its first positions (as torch's DistributedSampler does)
+    so every rank runs the same number of steps; only then does an epoch differ from the one-process run.
+    Each item is (dataset index, noise_key of its position).
     """
 
     def __init__(self, num_items: int, seed: int):
         self.num_items, self.seed, self.epoch = num_items, seed, 0
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_items
+        return -(-self.num_items // self.world)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_items, generator=g).tolist())
+        order = torch.randperm(self.num_items, generator=g).tolist()
+        total = len(self) * self.world
+        order = (order * (-(-total // self.num_items)))[:total]
+        return iter([(order[p], noise_key(self.seed, self.epoch, p)) for p in range(self.rank, total, self.world)])
 
 
 class ConsumedPositionLoader(StatefulDataLoader):
@@ -169,7 +195,6 @@ class DreamBoothModule(pl.LightningModule):
         self.prediction_type = self.noise_scheduler.config.prediction_type
         self.scaling_factor = scaling_factor
         self.meta = meta
-        self.noise_rng = torch.Generator().manual_seed(train.seed)
         self.losses: list[float] = []
         self.loader: Any = None  # set by fit(): its consumed position goes into checkpoints
 
@@ -182,6 +207,21 @@ class DreamBoothModule(pl.LightningModule):
             states = self.text_encoder(states)[0]
         return states.to(self.unet.dtype)
 
+    def setup(self, stage: str) -> None:
+        if self.loader is not None:  # runs in every rank: each one trains its share of the samples
+            self.loader.sampler.shard(self.global_rank, self.trainer.world_size)
+
+    def _draws(self, keys: list[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(latent sample, noise, timestep) per example, each from a generator seeded by the example's key,
+        on the CPU: independent of batch size, rank layout and device."""
+        samples, noises, steps = [], [], []
+        for key in keys:
+            g = torch.Generator().manual_seed(key)
+            samples.append(torch.randn(shape, generator=g))
+            noises.append(torch.randn(shape, generator=g))
+            steps.append(torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (1,), generator=g))
+        return torch.stack(samples), torch.stack(noises), torch.cat(steps)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         from dbbatch import faults
 
@@ -193,11 +233,10 @@ class DreamBoothModule(pl.LightningModule):
         n = mean.shape[0]
         if with_class:
             mean, std = torch.cat([mean, batch["cls_mean"]]), torch.cat([std, batch["cls_std"]])
-        # Noise is drawn on the CPU from our own generator (saved in checkpoints), then moved to the device.
-        g = self.noise_rng
-        sample = torch.randn(mean.shape, generator=g)
-        noise = torch.randn(mean.shape, generator=g)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (mean.shape[0],), generator=g)
+        keys = [int(k) for k in batch["noise_key"]]
+        if with_class:
+            keys += [k + 1 for k in keys]
+        sample, noise, timesteps = self._draws(keys, tuple(mean.shape[1:]))
         latents = ((mean.cpu() + std.cpu() * sample) * self.scaling_factor).to(self.device)
         noise, timesteps = noise.to(self.device), timesteps.to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -207,11 +246,15 @@ class DreamBoothModule(pl.LightningModule):
             target = noise
         pred = self.unet(noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=self._encoder_states(n, with_class)).sample
         loss, inst, prior = dreambooth_loss(pred, target, n, self.cfg.prior_loss_weight)
-        self.log_dict({"loss": loss, "instance_loss": inst, "prior_loss": prior}, on_step=True, prog_bar=False)
+        # Under DDP each rank's loss covers its share of the batch; the mean over ranks is the loss of the whole
+        # (ranks hold equally many examples) and what DDP's averaged gradient descends. Identity in one process.
+        # torch.stack copies: the all-reduce must not write into the loss that backward still needs.
+        loss_r, inst_r, prior_r = self.trainer.strategy.reduce(torch.stack([loss, inst, prior]).detach(), reduce_op="mean")
+        self.log_dict({"loss": loss_r, "instance_loss": inst_r, "prior_loss": prior_r}, on_step=True, prog_bar=False)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
         # Recorded here, not in on_train_batch_end: checkpoint callbacks run before the module's own hook.
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
-            self.losses.append(float(loss.detach()))
+            self.losses.append(float(loss_r))
         return loss
 
 
@@ -248,7 +291,7 @@ class DreamBoothModule(pl.LightningModule):
                 fit_state["combined_loader"] = [position]
         checkpoint["dbbatch"] = {
             "format": CHECKPOINT_FORMAT, **self.meta, "losses": list(self.losses),
-            "noise_rng": self.noise_rng.get_state(), "rng": rng_state(), "sampler_epoch": sampler_epoch,
+            "rng": rng_state(), "sampler_epoch": sampler_epoch,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -258,7 +301,6 @@ class DreamBoothModule(pl.LightningModule):
             # the checkpoint's epoch now, or that batch would come from epoch 0's order.
             self.loader.sampler.set_epoch(state["sampler_epoch"])
         self.losses = list(state["losses"])
-        self.noise_rng.set_state(state["noise_rng"])
         set_rng_state(state["rng"])
 
 
@@ -275,40 +317,90 @@ def precision_of(mixed_precision: str) -> str:
     return {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}[mixed_precision]
 
 
+def _quiet_lightning() -> None:
+    """Lightning's INFO banners and a few known-harmless warnings are noise in a batch log (also run in DDP ranks)."""
+    import warnings
+
+    if not logging.getLogger("dbbatch").isEnabledFor(logging.DEBUG):
+        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    for message in (".*does not have many workers.*", ".*is smaller than the logging interval.*",
+                    ".*exists and is not empty.*", ".*LeafSpec.*", ".*set_vital.*"):
+        warnings.filterwarnings("ignore", message)
+
+
+def device_count(devices: Any) -> int:
+    """What Lightning's accelerator="auto" makes of train.devices: every visible GPU for "auto", else 1 CPU."""
+    if devices != "auto":
+        return int(devices)
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
 def fit(module: DreamBoothModule, loader: Any, train: Any, checkpointer: Any, log_dir: Any,
-        resume_path: Optional[str], progress: Any = None) -> TrainResult:
-    """Run (or resume) Lightning training for one subject. Preempted propagates after its checkpoint."""
+        resume_path: Optional[str], progress: Any = None, subject_id: Optional[str] = None) -> TrainResult:
+    """Run (or resume) Lightning training for one subject. Preempted propagates after its checkpoint.
+
+    With more than one device, only this fit runs in DDP ranks spawned here (see dbbatch/ddp.py); each rank
+    trains train.batch_size examples per micro-batch, so the effective batch is devices x batch_size."""
     import warnings
 
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    # Lightning sets its own logger to INFO when imported; its device banners and tips are noise in a batch log.
-    if not logging.getLogger("dbbatch").isEnabledFor(logging.DEBUG):
-        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    from dbbatch import signals
+
     module.loader = loader
     callbacks = [checkpointer]
-    if progress is not None:
-        callbacks.append(_ProgressCallback(progress))
     on_gpu = torch.cuda.is_available()
+    distributed = device_count(train.devices) > 1
+    strategy: Any = "auto"
+    if distributed:
+        from dbbatch.ddp import ProgressToMain, SpawnDDP
+
+        strategy = SpawnDDP(subject_id, logging.getLogger("dbbatch").getEffectiveLevel(), _quiet_lightning)
+        module.cpu()  # ranks take their copy from the CPU; the main process keeps none on GPU 0
+        if progress is not None:
+            callbacks.append(ProgressToMain(None))  # its queue is the launcher's, set below
+    elif progress is not None:
+        callbacks.append(_ProgressCallback(progress))
     pl.seed_everything(train.seed, workers=True, verbose=False)  # global RNGs too, so runs are reproducible
     trainer = pl.Trainer(
-        accelerator="auto", devices=train.devices, max_steps=train.max_steps, max_epochs=-1,
+        accelerator="auto", devices=train.devices, strategy=strategy, max_steps=train.max_steps, max_epochs=-1,
         precision=precision_of(train.mixed_precision), accumulate_grad_batches=train.gradient_accumulation,
         gradient_clip_val=train.max_grad_norm, callbacks=callbacks,
         logger=TensorBoardLogger(str(log_dir), name="", version=""), log_every_n_steps=1,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=str(log_dir),
+        # Our EpochShuffle shards the data itself (Lightning's DistributedSamplerWrapper would hide its epoch).
+        use_distributed_sampler=False,
         # Bitwise-exact resume needs deterministic kernels; on GPUs speed wins (documented in README).
         deterministic=not on_gpu,
     )
+    launcher = trainer.strategy.launcher if distributed else None
+    relay = None
+    if launcher is not None and progress is not None:
+        callbacks[-1].queue = launcher.progress
+        relay = launcher.relay_progress(progress)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
-        warnings.filterwarnings("ignore", ".*exists and is not empty.*")
-        warnings.filterwarnings("ignore", ".*LeafSpec.*")
-        warnings.filterwarnings("ignore", ".*set_vital.*")
-        trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_path, weights_only=True)
-    return TrainResult(steps=trainer.global_step, losses=list(module.losses), resumed_from_step=None,
+        _quiet_lightning()
+        try:
+            trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_path, weights_only=True)
+        except Exception as e:
+            if launcher is None:
+                raise
+            from dbbatch.errors import Preempted
+
+            original = launcher.rank_error()  # a rank's DbbatchError (or OOM), not the spawn wrapper's text
+            if original is not None:
+                raise original from None
+            if signals.requested():
+                raise Preempted("SIGTERM received; stopped while starting training processes") from None
+            raise RuntimeError(f"a training process failed: {e}") from e
+        finally:
+            if launcher is not None:
+                if relay is not None:
+                    launcher.stop_relay(relay)
+                launcher.cleanup()
+    steps = launcher.results["global_step"] if launcher is not None else trainer.global_step
+    return TrainResult(steps=steps, losses=list(module.losses), resumed_from_step=None,
                        checkpoint_seconds=checkpointer.save_seconds, checkpoint_bytes=checkpointer.sizes)
 
 

@@ -295,7 +295,7 @@ class SubjectRun:
         try:
             if task is not None and resumed_from:
                 task.set(resumed_from)
-            result = fit(module, loader, cfg, checkpointer, self.work / "logs", resume_path, task)
+            result = fit(module, loader, cfg, checkpointer, self.work / "logs", resume_path, task, self.s.id)
         finally:
             if task is not None:
                 task.close()
