@@ -223,6 +223,9 @@ def fit(module: DreamBoothModule, loader: Any, train: Any, checkpointer: Any, lo
     if progress is not None:
         callbacks.append(_ProgressCallback(progress))
     on_gpu = torch.cuda.is_available()
+    if train.mixed_precision == "fp16" and not on_gpu:
+        # Lightning quietly trains fp16 autocast as bf16 on a CPU (no fp16 loss scaling there): say so.
+        log.warning("train.mixed_precision fp16 needs a GPU; training with bf16 autocast on this CPU instead")
     trainer = pl.Trainer(
         accelerator="auto", devices=train.devices, max_steps=train.max_steps, max_epochs=-1,
         precision=precision_of(train.mixed_precision), accumulate_grad_batches=train.gradient_accumulation,

@@ -79,12 +79,14 @@ def check_manifest(manifest: Manifest, base_dir: Optional[Path], storage: Any, c
         p, w = token_problems(manifest, tokenizer)
         problems += p
         warnings += w
-    for i, s in enumerate(manifest.subjects):
-        if s.train.optimizer == "adamw8bit" or manifest.defaults.train.optimizer == "adamw8bit":
-            import importlib.util
-
-            if importlib.util.find_spec("bitsandbytes") is None:
-                problems.append(f"subjects[{i}].train.optimizer: adamw8bit needs the bitsandbytes package (and a GPU); use adamw")
+    eight_bit = [s.index for s in resolve_subjects(manifest, None) if s.train.optimizer == "adamw8bit"]
+    lacking = adamw8bit_lacks() if eight_bit else None
+    if lacking:
+        # Name the key the user wrote: the subject's own, or `defaults` once for every subject inheriting it.
+        wheres = {f"subjects[{i}].train.optimizer" if "optimizer" in manifest.subjects[i].train.model_fields_set
+                  else "defaults.train.optimizer" for i in eight_bit}
+        for where in sorted(wheres):
+            problems.append(f"{where}: adamw8bit needs {lacking} (bitsandbytes' 8-bit AdamW runs on CUDA GPUs only); use adamw")
     for location, field in ((output, "output"), (prior_cache, "prior_cache")):
         try:
             storage.check_location(location)
@@ -110,6 +112,20 @@ def check_manifest(manifest: Manifest, base_dir: Optional[Path], storage: Any, c
         except DbbatchError as e:
             problems.append(f"{field}: not writable: {e}")
     return problems, warnings
+
+
+def adamw8bit_lacks() -> Optional[str]:
+    """What this machine lacks for `optimizer: adamw8bit` ("the bitsandbytes package", "a CUDA GPU"), or None."""
+    import importlib.util
+
+    import torch
+
+    lacking = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        lacking.append("the bitsandbytes package")
+    if not torch.cuda.is_available():
+        lacking.append("a CUDA GPU")
+    return " and ".join(lacking) or None
 
 
 def _any_readable(files: list[str], storage: Any) -> bool:
