@@ -100,6 +100,8 @@ def test_mixed_precision_and_gradient_checkpointing_really_apply(shared, caplog)
     assert forwards["fp32"] == STEPS and forwards["ckpt"] == 2 * STEPS, forwards
     assert losses(out, "ckpt") == pytest.approx(losses(out, "fp32"), rel=1e-6)
     assert not batch.model.unet.is_gradient_checkpointing
+    # training's gradients are freed when it ends, not carried through sampling into the next subject
+    assert all(p.grad is None for p in batch.model.unet.parameters())
     # bf16 autocast: the same training, rounded differently
     fp32, bf16 = losses(out, "fp32"), losses(out, "bf16")
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05)
