@@ -11,16 +11,17 @@ import hashlib
 import json
 import logging
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from dbbatch.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
-BUILTIN_VERSION = "1"  # bump when a built-in config or its seed changes: it is part of every cache key
+BUILTIN_VERSION = "2"  # bump when a built-in config or its seed changes: it is part of every cache key
 BUILTIN_SEED = 1234
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -43,22 +44,24 @@ ARCHS: dict[str, dict[str, Any]] = {
         "text_encoder": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
                              projection_dim=32),
     },
+    # ~10x tiny-sd per component (UNet 16.5M, VAE 6.7M, text encoder 15.8M; 39M in all vs 3.7M), native 128 px
+    # with a 4x VAE, so the UNet works on the same 32x32 latents as tiny-sd at 64 px: about 5x its FLOPs per step.
     "small-sd": {
-        "unet": dict(block_out_channels=(64, 128, 128), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        "unet": dict(block_out_channels=(64, 128, 192), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                     cross_attention_dim=64, attention_head_dim=8),
-        "vae": dict(block_out_channels=(32, 64, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=128,
+                     cross_attention_dim=256, attention_head_dim=8),
+        "vae": dict(block_out_channels=(64, 128, 192), in_channels=3, out_channels=3, latent_channels=4, sample_size=128,
                     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3),
-        "text_encoder": dict(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=6,
-                             projection_dim=64),
+        "text_encoder": dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_hidden_layers=4,
+                             projection_dim=256),
     },
     "sd15": {
         "unet": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64, in_channels=4,
                      out_channels=4, cross_attention_dim=768, attention_head_dim=8,
                      down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
-        "vae": dict(block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
+        "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, in_channels=3, out_channels=3, latent_channels=4,
                     sample_size=512, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
         "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                              projection_dim=768, hidden_act="quick_gelu"),
@@ -149,22 +152,37 @@ def build_builtin(name: str, torch_dtype: Any = None) -> dict[str, Any]:
     return comps
 
 
+@contextmanager
+def cast_for_saving(modules: list[Any], dtype: Any) -> Iterator[None]:
+    """Give the modules' floating-point weights `dtype` while saving, then the very tensors they had before.
+    Casting there and back instead would round the live model: the VAE (never restored between subjects)
+    for the rest of the batch. Costs a `dtype` copy of the weights while it lasts, on their device."""
+    originals = []
+    if dtype is not None:
+        for module in modules:
+            for t in list(module.parameters()) + list(module.buffers()):
+                if t.is_floating_point() and t.dtype != dtype:
+                    originals.append((t, t.data))
+                    t.data = t.data.to(dtype)
+    try:
+        yield
+    finally:
+        for t, data in originals:
+            t.data = data
+
+
 def save_folder(comps: dict[str, Any], out_dir: Path, dtype: Any = None) -> Path:
     """Write components as a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads."""
-    import torch
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
         vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"], unet=comps["unet"],
         scheduler=comps["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    if dtype is not None:
-        pipe.to(dtype=dtype)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if dtype is not None:
-        pipe.to(dtype=torch.float32)
+    with cast_for_saving([comps["unet"], comps["vae"], comps["text_encoder"]], dtype):
+        pipe.save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
@@ -315,20 +333,13 @@ DELTA_FILE = "dbbatch_delta.json"
 def save_delta(model: BaseModel, out_dir: Path, with_text_encoder: bool, dtype: Any = None) -> Path:
     """Only the components fine-tuning changed, plus a reference to the base model (`model_format: delta`).
     Load with `dbbatch.models.load_pipeline(folder)`."""
-    import torch
-
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     names = ["unet"] + (["text_encoder"] if with_text_encoder else [])
     for name in names:
         module = getattr(model, name)
-        if dtype is not None:
-            module.to(dtype)
-        try:
+        with cast_for_saving([module], dtype):
             module.save_pretrained(tmp / name, safe_serialization=True)
-        finally:
-            if dtype is not None:
-                module.to(torch.float32)
     (tmp / DELTA_FILE).write_text(json.dumps({"base_model": model.source, "base_model_identity": model.identity,
                                              "components": names}, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)

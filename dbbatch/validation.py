@@ -205,12 +205,14 @@ def check_manifest(manifest: Manifest, base_dir: Optional[Path], storage: Any, c
     geometry = model_geometry(manifest.base_model, base_dir, storage, check_remote)
     if geometry is not None:
         found.problems += resolution_problems(manifest, *geometry)
-    for i, s in enumerate(manifest.subjects):
-        if s.train.optimizer == "adamw8bit" or manifest.defaults.train.optimizer == "adamw8bit":
-            import importlib.util
-
-            if importlib.util.find_spec("bitsandbytes") is None:
-                found.problems.append(f"subjects[{i}].train.optimizer: adamw8bit needs the bitsandbytes package (and a GPU); use adamw")
+    eight_bit = [s.index for s in resolve_subjects(manifest, None) if s.train.optimizer == "adamw8bit"]
+    lacking = adamw8bit_lacks() if eight_bit else None
+    if lacking:
+        # Name the key the user wrote: the subject's own, or `defaults` once for every subject inheriting it.
+        wheres = {f"subjects[{i}].train.optimizer" if "optimizer" in manifest.subjects[i].train.model_fields_set
+                  else "defaults.train.optimizer" for i in eight_bit}
+        for where in sorted(wheres):
+            found.problems.append(f"{where}: adamw8bit needs {lacking} (bitsandbytes' 8-bit AdamW runs on CUDA GPUs only); use adamw")
     usable = []
     for location, name in ((output, "output"), (prior_cache, "prior_cache")):
         if not usable and name == "prior_cache" and location.startswith(output + "/"):
@@ -235,6 +237,20 @@ def check_manifest(manifest: Manifest, base_dir: Optional[Path], storage: Any, c
         if problem:
             found.storage.append(problem)
     return found
+
+
+def adamw8bit_lacks() -> Optional[str]:
+    """What this machine lacks for `optimizer: adamw8bit` ("the bitsandbytes package", "a CUDA GPU"), or None."""
+    import importlib.util
+
+    import torch
+
+    lacking = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        lacking.append("the bitsandbytes package")
+    if not torch.cuda.is_available():
+        lacking.append("a CUDA GPU")
+    return " and ".join(lacking) or None
 
 
 def _image_findings(subject: Any, storage: Any, resolution: int) -> tuple[list[str], list[str]]:

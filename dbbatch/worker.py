@@ -258,7 +258,10 @@ class SubjectRun:
 
         model, cfg = self.b.model, self.s.train
         if cfg.optimizer == "adamw8bit":
-            _require_bitsandbytes(self.s.id)
+            from dbbatch.validation import adamw8bit_lacks
+
+            if lacking := adamw8bit_lacks():
+                raise InputError(f"subject {self.s.id}: train.optimizer adamw8bit needs {lacking}; use adamw")
         instance = latent_stats(model.vae, to_tensor(instance_images))
         with_class = klass is not None
         if cfg.train_text_encoder:
@@ -408,12 +411,3 @@ def _advice(e: BaseException) -> str:
         return ("; lower train.batch_size or resolution, or set train.gradient_checkpointing: true and "
                 "train.mixed_precision: fp16 (or bf16)")
     return ""
-
-
-def _require_bitsandbytes(subject_id: str) -> None:
-    import importlib.util
-
-    import torch
-
-    if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
-        raise InputError(f"subject {subject_id}: train.optimizer adamw8bit needs bitsandbytes installed and a GPU; use adamw")
