@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import cli_env, draw_subject, run_cli, tiny_manifest
+from dbbatch.models import BUILTIN_VERSION
 
 STEPS, EVERY = 12, 4
 
@@ -90,7 +91,7 @@ def test_sigkill_then_rerun_is_bitwise_identical(tmp_path: Path, uninterrupted, 
         differing = [k for k in a if not torch.equal(a[k], b[k])]
         assert not differing, f"{len(differing)} {component} tensors differ, e.g. {differing[:3]}"
     if train_te:  # and the text encoder really was trained
-        base = load_file(str(tmp_path / "pod2" / "cache" / "models" / "builtin-tiny-sd-v1" / "text_encoder" / "model.safetensors"))
+        base = load_file(str(tmp_path / "pod2" / "cache" / "models" / f"builtin-tiny-sd-v{BUILTIN_VERSION}" / "text_encoder" / "model.safetensors"))
         assert any(not torch.equal(base[k], _trained(got, "text_encoder")[k]) for k in base)
     assert _losses(got) == _losses(ref)
     assert json.loads((got / "rex" / "metrics.json").read_text())["resumed_from_step"] == last
@@ -132,7 +133,7 @@ def test_checkpoint_holds_only_trainable_weights(tmp_path: Path):
         assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
         assert set(ckpt["dbbatch"]["rng"]) == {"torch", "numpy", "python"}
         assert "combined_loader" in json.dumps(list(ckpt["loops"]["fit_loop"]["state_dict"].keys()))
-        model_dir = tmp_path / f"pod{int(te)}" / "cache" / "models" / "builtin-tiny-sd-v1"
+        model_dir = tmp_path / f"pod{int(te)}" / "cache" / "models" / f"builtin-tiny-sd-v{BUILTIN_VERSION}"
         unet_bytes = (model_dir / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
         te_bytes = (model_dir / "text_encoder" / "model.safetensors").stat().st_size
         trainable = unet_bytes + (te_bytes if te else 0)
@@ -158,7 +159,7 @@ def test_resume_warns_on_changed_settings_and_refuses_another_base_model(tmp_pat
     other.write_text(text)
     refused = run_cli("run", str(other), env=cli_env(DBBATCH_WORK_DIR=str(tmp_path / "pod4")))
     assert refused.returncode == 1
-    assert "stored checkpoint was trained from base model 'builtin:tiny-sd:v1:seed1234'" in refused.stderr
+    assert f"stored checkpoint was trained from base model 'builtin:tiny-sd:v{BUILTIN_VERSION}:seed1234'" in refused.stderr
     assert "Traceback" not in refused.stderr
 
 
