@@ -345,10 +345,6 @@ def resolve_location(location: str, base_dir: Path) -> str:
     return resolved + "/" if location.endswith("/") else resolved
 
 
-def looks_like_local_path(location: str) -> bool:
-    return location.startswith((".", "/", "~")) or "/" in location and "://" not in location
-
-
 def load_manifest(path: Path) -> tuple[Manifest, Path]:
     """Read a manifest file; return it with the folder its relative paths resolve against."""
     try:
