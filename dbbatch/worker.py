@@ -9,6 +9,7 @@ are not made again. `_SUCCESS` is always written last. One subject failing never
 from __future__ import annotations
 
 import logging
+import io
 import platform
 import shutil
 import time
@@ -179,16 +180,16 @@ class SubjectRun:
         self.resolution = res
         stage = self.storage.read_json(join(self.out, STAGE)) or {}
 
-        t = time.monotonic()
-        instance_images = self.load_instance_images()
-        self._timed("images", t)
-        if stage.get("stage") == "trained":
+        if stage.get("stage") == "trained":  # the photos are not needed again: no download
             log.info("%s: fine-tuned model already stored; loading it instead of training", self.s.id)
             train_metrics = stage["train"]
             t = time.monotonic()
             self.load_trained_weights()
             self._timed("load_trained", t)
         else:
+            t = time.monotonic()
+            instance_images = self.load_instance_images()
+            self._timed("images", t)
             t = time.monotonic()
             klass = self.class_latents() if self.s.train.with_prior_preservation else None
             self._timed("priors", t)
@@ -363,9 +364,12 @@ class SubjectRun:
         model = self.b.model
         model.unet.eval()
 
+        made: dict[str, Image.Image] = {}
+
         def store(j: int, img: Image.Image, chunk: list[tuple[int, int]]) -> None:
             r, c = chunk[j]
             self.storage.write_bytes(join(folder, names[r][c]), png_bytes(img))
+            made[names[r][c]] = img
             if task:
                 task.advance()
 
@@ -376,9 +380,9 @@ class SubjectRun:
                      cfg.guidance_scale, cfg.negative_prompt, cfg.batch_size, on_image=lambda j, img, ch=chunk: store(j, img, ch))
         if task:
             task.close()
-        import io
-
-        images = [Image.open(io.BytesIO(self.storage.read_bytes(join(folder, n)))).convert("RGB") for row in names for n in row]
+        # the grid: images made now from memory, those stored by an earlier attempt read back
+        images = [made.get(n) or Image.open(io.BytesIO(self.storage.read_bytes(join(folder, n)))).convert("RGB")
+                  for row in names for n in row]
         self.storage.write_bytes(join(folder, "grid.png"), png_bytes(make_grid(images, len(cfg.seeds))))
         self.storage.write_json(join(folder, "prompts.json"), {"rows": prompts, "columns": cfg.seeds, "files": names})
 
