@@ -14,7 +14,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
 
@@ -95,14 +95,26 @@ def resume_warnings(meta: dict[str, Any], model_identity: str, train: Any, subje
 class StoreCheckpoints(pl.Callback):
     """Every `every` optimizer steps, and on SIGTERM, write a checkpoint and mirror it to the store."""
 
-    def __init__(self, storage: Any, remote_dir: str, local_dir: Path, every: int, keep: int, max_steps: int):
+    def __init__(self, storage: Any, remote_dir: str, local_dir: Path, every: int, keep: int, max_steps: int,
+                 guard: Optional[Callable[[str], None]] = None):
         self.storage, self.remote_dir, self.local_dir = storage, remote_dir, local_dir
         self.every, self.keep, self.max_steps = every, keep, max_steps
+        # The subject's lease check (raises LeaseLost): every step, and before a checkpoint reaches the store.
+        self.guard = guard
         self.last_saved: Optional[int] = None
         self.save_seconds: list[float] = []
         self.sizes: list[int] = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DDP ranks get a pickled copy; the lease (a renewal thread) stays in the main process, which renews it.
+        return {**self.__dict__, "guard": None}
+
+    def _guard(self, what: str) -> None:
+        if self.guard is not None:
+            self.guard(what)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._guard("the next training step")
         at_boundary = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         step = trainer.global_step
         requested = signals.requested()
@@ -144,6 +156,7 @@ class StoreCheckpoints(pl.Callback):
                                "to resume") from e
         finally:
             tmp.unlink(missing_ok=True)
+        self._guard(f"storing checkpoint {name}")
         self.storage.upload(local, join(self.remote_dir, name))
         stored = self.storage.list_files(self.remote_dir)
         for old in prunable(stored, self.keep):

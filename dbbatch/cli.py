@@ -160,6 +160,13 @@ def run(
     # envvar, not os.environ at import: a bad value is a one-line usage error (exit 2), not a traceback
     shard_index: int = typer.Option(0, "--shard-index", envvar="JOB_COMPLETION_INDEX", help="This shard (a Kubernetes Indexed Job sets $JOB_COMPLETION_INDEX)."),
     shard_count: int = typer.Option(1, "--shard-count", envvar="DBBATCH_SHARD_COUNT", help="Number of shards."),
+    queue: bool = typer.Option(False, "--queue", help="Work queue: take the next unleased, unfinished subject of the whole "
+                               "manifest, in order, instead of a fixed shard (run one per pod; --shard-* are ignored)."),
+    lease_seconds: float = typer.Option(120.0, "--lease-seconds", envvar="DBBATCH_LEASE_SECONDS", min=2.0,
+                                        help="Lease time-to-live: a SIGKILLed worker's subjects are taken over this long "
+                                        "after its last renewal (renewed every third of it)."),
+    no_leases: bool = typer.Option(False, "--no-leases", help="Run without leases on an output that cannot hold them "
+                                   "(not a local path or s3://), accepting that two workers may train one subject."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print this shard's subjects and their state; train nothing, write nothing."),
     report: Optional[str] = typer.Option(None, "--report", help="Also write the machine-readable run report here."),
     work_dir: Path = typer.Option(Path(os.environ.get("DBBATCH_WORK_DIR", Path.home() / ".cache" / "dbbatch")), "--work-dir",
@@ -191,6 +198,10 @@ def run(
             if unknown:
                 raise InputError(f"--only {unknown[0]}: no such subject in {manifest}")
             subjects = [s for s in subjects if s.id in only]
+        if queue and no_leases:
+            raise InputError("--queue needs leases (workers divide the subjects through them); drop --no-leases")
+        if queue:
+            shard_index, shard_count = 0, 1  # every worker looks at every subject; leases divide them
         try:
             mine = set(select([s.id for s in subjects], shard_index, shard_count))
         except ValueError as e:
@@ -202,10 +213,11 @@ def run(
     from dbbatch.progress import Reporter
     from dbbatch.worker import Batch, RunOptions
 
-    opts = RunOptions(output=out, prior_cache=cache, work_dir=work_dir, force=force, debug=debug)
+    opts = RunOptions(output=out, prior_cache=cache, work_dir=work_dir, force=force, debug=debug, leases=not no_leases,
+                      lease_seconds=lease_seconds)
     if dry_run:
         batch = Batch(m, base_dir, storage, opts, reporter=None)
-        typer.echo(f"shard {shard_index}/{shard_count}: {len(subjects)} subject(s)")
+        typer.echo(f"queue: {len(subjects)} subject(s)" if queue else f"shard {shard_index}/{shard_count}: {len(subjects)} subject(s)")
         try:
             for s in subjects:
                 typer.echo(f"{s.id}\t{batch.state_of(s)}")
@@ -220,8 +232,12 @@ def run(
         not_writable = writable_problem(storage, out, "output")
         if not_writable:
             raise StorageError(not_writable)
+        if not no_leases and (no_lease := storage.lease_support(out)):
+            raise InputError(f"output: {no_lease}, so two workers on it could train one subject at once; use a local "
+                             "path or s3://, or pass --no-leases to accept that risk")
         batch = Batch(m, base_dir, storage, opts, reporter)
-        log.info("run %s: %d subject(s) (shard %d/%d) -> %s", opts.run_id, len(subjects), shard_index, shard_count, out)
+        where = "work queue" if queue else f"shard {shard_index}/{shard_count}"
+        log.info("run %s: %d subject(s) (%s) -> %s", opts.run_id, len(subjects), where, out)
         results = batch.run(subjects)
     except DbbatchError as e:
         reporter.stop()
@@ -278,7 +294,9 @@ def k8s_render(
         None, "--sa-annotation", help="KEY=VALUE (repeatable): also render the ServiceAccount with this annotation, "
         "e.g. eks.amazonaws.com/role-arn=arn:aws:iam::123456789012:role/dbbatch (IRSA)."),
     secret: Optional[str] = typer.Option(None, "--secret", help="A Secret whose keys become environment variables (envFrom)."),
-    queue: Optional[str] = typer.Option(None, "--queue", help="Kueue LocalQueue name (the Job is created suspended)."),
+    work_queue: bool = typer.Option(False, "--queue", help="Pods run `dbbatch run --queue`: each takes the next unleased "
+                                    "subject instead of a fixed shard (--shards is then the number of pods)."),
+    kueue: Optional[str] = typer.Option(None, "--kueue", help="Kueue LocalQueue name (the Job is created suspended)."),
     retries: int = typer.Option(3, "--retries", help="backoffLimitPerIndex: failed pods per shard before it is given up."),
     max_failed_indexes: Optional[int] = typer.Option(None, "--max-failed-indexes", help="Fail the whole Job after this many shards failed (default: never early)."),
     cpu: str = typer.Option("4", "--cpu", help="CPU request per pod."),
@@ -297,7 +315,8 @@ def k8s_render(
         opts = k8s.JobOptions(
             name=name or k8s.job_name_from(manifest.stem), image=image, shards=shards, gpus_per_pod=gpus_per_pod,
             namespace=namespace, parallelism=parallelism, output=output, service_account=service_account,
-            service_account_annotations=_pairs("--sa-annotation", sa_annotation), secret=secret, queue=queue,
+            service_account_annotations=_pairs("--sa-annotation", sa_annotation), secret=secret, kueue=kueue,
+            work_queue=work_queue,
             backoff_limit_per_index=retries, max_failed_indexes=max_failed_indexes, cpu=cpu, memory=memory,
             shm_size=shm_size, scratch_size=scratch_size,
             node_selector=_pairs("--node-selector", node_selector) if node_selector else None)

@@ -36,5 +36,13 @@ class CheckpointError(DbbatchError):
     """A stored checkpoint cannot be used for this subject (another base model, corrupt file)."""
 
 
+class LeaseHeld(DbbatchError):
+    """Another live worker holds the subject's lease (e.g. `--force` while it is being trained)."""
+
+
+class LeaseLost(DbbatchError):
+    """This worker's lease on a subject expired or was taken over; it stopped without writing."""
+
+
 class Preempted(DbbatchError):
     """SIGTERM arrived; state was saved and the process must exit 143 so the scheduler retries it."""

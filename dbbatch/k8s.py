@@ -65,7 +65,8 @@ class JobOptions:
     service_account: Optional[str] = None
     service_account_annotations: dict[str, str] = field(default_factory=dict)  # IRSA / workload identity
     secret: Optional[str] = None  # envFrom: e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
-    queue: Optional[str] = None  # Kueue LocalQueue
+    kueue: Optional[str] = None  # Kueue LocalQueue
+    work_queue: bool = False  # every pod runs `dbbatch run --queue` (shards = pods; leases divide the subjects)
     backoff_limit_per_index: int = 3
     max_failed_indexes: Optional[int] = None  # default: every shard may fail without stopping the others
     cpu: str = "4"
@@ -109,7 +110,7 @@ def check_options(o: JobOptions) -> list[str]:
             problems.append(f"{flag}: {value!r} is not a Kubernetes quantity; write e.g. 4, 500m, 32Gi")
     if o.service_account_annotations and not o.service_account:
         problems.append("--sa-annotation: needs --service-account NAME (the ServiceAccount that carries the annotation)")
-    for flag, value in (("--service-account", o.service_account), ("--secret", o.secret), ("--queue", o.queue)):
+    for flag, value in (("--service-account", o.service_account), ("--secret", o.secret), ("--kueue", o.kueue)):
         if value is not None and not _DNS_LABEL.match(value):
             problems.append(f"{flag}: {value!r} is not a Kubernetes name; use lowercase letters, digits and '-'")
     return problems
@@ -175,7 +176,11 @@ def _job(o: JobOptions, labels: dict[str, str], configmap: str) -> dict[str, Any
     args = ["run", f"{MANIFEST_DIR}/{MANIFEST_KEY}"]
     if o.output:
         args += ["--output", o.output]
-    env = [{"name": "DBBATCH_SHARD_COUNT", "value": str(o.shards)}]  # JOB_COMPLETION_INDEX is set by Kubernetes
+    if o.work_queue:
+        args.append("--queue")  # each pod takes the next unleased subject; a dead pod's lease expires and is taken over
+        env: list[dict[str, Any]] = []
+    else:
+        env = [{"name": "DBBATCH_SHARD_COUNT", "value": str(o.shards)}]  # JOB_COMPLETION_INDEX is set by Kubernetes
     env += [{"name": k, "value": v} for k, v in SCRATCH_ENV.items()]
     env.append({"name": "PYTHONUNBUFFERED", "value": "1"})  # log lines reach `kubectl logs` as they happen
     resources: dict[str, Any] = {
@@ -258,8 +263,8 @@ def _job(o: JobOptions, labels: dict[str, str], configmap: str) -> dict[str, Any
         "ttlSecondsAfterFinished": o.ttl_seconds_after_finished,
         "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
     }
-    if o.queue:
-        job_labels["kueue.x-k8s.io/queue-name"] = o.queue
+    if o.kueue:
+        job_labels["kueue.x-k8s.io/queue-name"] = o.kueue
         # Kueue's webhook would suspend it too; saying so here means no pod starts before admission even if the
         # webhook is slow or missing (then the Job waits, visibly, instead of bypassing the quota)
         spec["suspend"] = True

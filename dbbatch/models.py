@@ -188,6 +188,21 @@ def save_folder(comps: dict[str, Any], out_dir: Path, dtype: Any = None) -> Path
     return out_dir
 
 
+@contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock(2) on `<path>.lock` for the local model cache, shared by the workers of one work dir
+    (the lock dies with its process, so a SIGKILLed writer never blocks the next one)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def write_builtin(name: str, out_dir: Path) -> Path:
     return save_folder(build_builtin(name), out_dir)
 
@@ -311,13 +326,17 @@ def load_base_model(source: str, base_dir: Optional[Path], cache_dir: Path, stor
             build_builtin(where)  # raises the 'unknown built-in' ModelError
         folder = cache_dir / "models" / f"builtin-{where}-v{BUILTIN_VERSION}"
         if not (folder / "model_index.json").is_file():
-            log.info("writing built-in model %s to %s", source, folder)
-            write_builtin(where, folder)
+            with cache_lock(folder):  # workers sharing a work dir: one writes, the others wait and use it
+                if not (folder / "model_index.json").is_file():
+                    log.info("writing built-in model %s to %s", source, folder)
+                    write_builtin(where, folder)
         return load_folder(folder, source, identity=f"builtin:{where}:v{BUILTIN_VERSION}:seed{BUILTIN_SEED}")
     if kind == "local":
         return load_folder(Path(where), source)
     if kind == "remote":
-        return load_folder(fetch_remote_folder(where, cache_dir, storage), source)
+        with cache_lock(cache_dir / "models" / "remote"):
+            folder = fetch_remote_folder(where, cache_dir, storage)
+        return load_folder(folder, source)
     try:
         from huggingface_hub import snapshot_download
 

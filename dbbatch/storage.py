@@ -39,6 +39,10 @@ SECRET_KEY_RE = re.compile(r"secret|password|passwd|token|credential|session|(^|
 USERINFO_RE = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ inside a URL
 PROGRESS_MIN_BYTES = 4 * 1024 * 1024
 MULTIPART_PROTOCOLS = ("s3", "s3a")  # whose put_file takes `chunksize` (the multipart part size)
+# Object stores whose fsspec pipe_file(mode="create") is a real conditional create. fsspec's generic
+# mode="create" is exists-then-write (not atomic), so only these are trusted; memory:// lives inside one
+# process and cannot coordinate workers.
+CONDITIONAL_CREATE_PROTOCOLS = ("s3", "s3a")
 
 # How failures are told apart. s3fs turns S3 error codes into FileNotFoundError / PermissionError / OSError
 # and keeps the botocore ClientError as __cause__ (the code is read from there); connection-level failures
@@ -462,6 +466,51 @@ class Storage:
 
         self._call("delete", url, rm)
 
+    # -- conditional create (leases) ---------------------------------------------------------------------
+    def create_exclusive(self, url: str, data: bytes) -> bool:
+        """Create `url` holding `data` only if nothing is there; True if this call created it. Atomic: of two
+        callers racing for one name exactly one gets True, and a reader never sees a partial object. Local:
+        a complete temporary file hard-linked to the name (link(2) fails if the name exists). S3: a PUT with
+        `If-None-Match: *` (s3fs mode="create"). Other protocols: StorageError (see `lease_support`)."""
+        fs, path = self._fs(url)
+        proto = protocol_of(url)
+        if proto == "file":
+            return self._call("create", url, lambda: _exclusive_local_write(Path(path), data))
+        if proto not in CONDITIONAL_CREATE_PROTOCOLS:
+            raise StorageError(f"cannot create {redact(url)} exclusively: {proto}:// has no conditional create")
+
+        def put() -> bool:
+            try:
+                fs.pipe_file(path, data, mode="create")
+                return True
+            except FileExistsError:
+                return False
+
+        # A retried PUT whose first attempt did land answers 412 to our own object: callers that must know
+        # read the object back and compare (leases carry a unique token).
+        return self._call("create", url, put)
+
+    def lease_support(self, url: str) -> Optional[str]:
+        """None if `url` (a folder) can hold leases, else why not. S3 endpoints are probed: an exclusive
+        create of a probe object is tried twice and the second must be refused (an S3-compatible store that
+        ignores `If-None-Match` would let two workers both believe they hold a subject)."""
+        proto = protocol_of(url)
+        if proto == "file":
+            return None
+        if proto not in CONDITIONAL_CREATE_PROTOCOLS:
+            known = "local paths and s3://" if proto != "memory" else "stores shared between processes (local paths, s3://)"
+            return f"{proto}:// cannot hold a lease (no conditional create); leases need {known}"
+        probe = join(url, f"_dbbatch_lease_probe_{uuid.uuid4().hex[:8]}")
+        try:
+            first = self.create_exclusive(probe, b"1")
+            second = self.create_exclusive(probe, b"2")
+        finally:
+            self.remove(probe)
+        if not first or second:
+            return (f"{redact(url)} ignores conditional writes (a second PUT with If-None-Match: * was accepted); "
+                    "this S3-compatible store cannot hold a lease")
+        return None
+
     def check_writable(self, url: str) -> None:
         """Write and delete a probe object under `url`, so a bad output location fails before any training."""
         probe = join(url, f"_dbbatch_write_probe_{uuid.uuid4().hex[:8]}")
@@ -503,6 +552,35 @@ def _atomic_local(dest: Path, fill: Callable[[Any], None]) -> None:
 
 def _atomic_local_write(dest: Path, data: bytes) -> None:
     _atomic_local(dest, lambda fh: fh.write(data))
+
+
+def _exclusive_local_write(dest: Path, data: bytes) -> bool:
+    """Write a complete temporary file, then link(2) it to `dest`: fails if `dest` exists, and `dest` never
+    appears half-written. Filesystems without hard links fall back to O_CREAT|O_EXCL (atomic, but a reader
+    may briefly see a short file; lease readers treat an unparsable lease as one being written)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        _atomic_local_write(tmp, data)
+        try:
+            os.link(tmp, dest)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                raise
+        try:
+            fd = os.open(dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _atomic_local_copy(src: Path, dest: Path) -> None:

@@ -8,9 +8,12 @@ are not made again. `_SUCCESS` is always written last. One subject failing never
 
 from __future__ import annotations
 
-import logging
 import io
+import logging
+import os
 import platform
+import re
+import socket
 import shutil
 import time
 import traceback
@@ -24,6 +27,7 @@ import yaml
 
 from dbbatch import __version__, faults, signals
 from dbbatch.errors import DbbatchError, ImageError, InputError, Preempted, StorageError
+from dbbatch.leases import Lease, Leases, describe, failed_since, is_live, worker_identity
 from dbbatch.manifest import Manifest, Subject
 from dbbatch.storage import Storage, join, redact
 
@@ -53,6 +57,9 @@ class RunOptions:
     force: bool = False
     debug: bool = False
     run_id: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6])
+    leases: bool = True  # False: --no-leases (an output that cannot hold one; the user accepted the risk)
+    lease_seconds: float = 120.0
+    poll_seconds: Optional[float] = None  # how often to look at subjects leased by others; default ttl/4, <= 10 s
 
 
 def versions() -> dict[str, str]:
@@ -75,6 +82,9 @@ class Batch:
         self._model: Any = None
         self._class_latents: dict[str, Any] = {}  # prior key -> (mean, std): encoded once per batch
         self.device: Any = None
+        self.leases = Leases(storage, options.output, options.run_id, options.lease_seconds) if options.leases else None
+        # Scratch of this process only: two workers sharing a work dir never touch each other's files.
+        self.scratch = scratch_dir(options.work_dir, options.run_id)
 
     # -- the base model, once per process ---------------------------------------------------------------------
     @property
@@ -96,6 +106,9 @@ class Batch:
         out = join(self.opts.output, subject.id)
         if self.storage.exists(join(out, SUCCESS)):
             return "done"
+        current = self.leases.current(subject.id) if self.leases else None
+        if current and is_live(current, time.time()):
+            return f"leased by {describe(current)}"
         stage = self.storage.read_json(join(out, STAGE))
         if stage:
             return f"model stored, {stage.get('stage')}"
@@ -107,24 +120,95 @@ class Batch:
         return "pending"
 
     def run(self, subjects: list[Subject]) -> list[SubjectResult]:
-        results: list[SubjectResult] = []
-        for subject in subjects:
-            result = self.run_one(subject)
-            results.append(result)
-            if result.status == "preempted":
-                results += [SubjectResult(s.id, "pending", join(self.opts.output, s.id)) for s in subjects[len(results):]]
-                break
-        return results
+        """Every subject once, in manifest order. A subject leased by another worker is passed over and looked at
+        again after each subject this worker finishes; when only such subjects are left, this worker waits until
+        each is done (skipped), released (taken) or expired (taken over). So two workers on one output (a
+        replacement pod beside a live one, or `--queue` pods) never train a subject twice, and no worker idles
+        while an unleased subject remains."""
+        remove_orphan_scratch(self.opts.work_dir)
+        results: dict[str, SubjectResult] = {}
+        pending = list(subjects)
+        waiting_for: set[str] = set()
+        try:
+            while pending:
+                for subject in pending:
+                    result = self.attempt(subject, waiting_for)
+                    if result is not None:
+                        break
+                else:  # every pending subject is held by another worker
+                    if signals.requested():
+                        results.update({s.id: SubjectResult(s.id, "preempted", join(self.opts.output, s.id), error_class="Preempted",
+                                                            message="SIGTERM received while it was leased by another worker")
+                                        for s in pending})
+                        break
+                    time.sleep(self.poll_seconds)
+                    continue
+                results[subject.id] = result
+                pending.remove(subject)
+                waiting_for.discard(subject.id)
+                if result.status == "preempted":
+                    results.update({s.id: SubjectResult(s.id, "pending", join(self.opts.output, s.id)) for s in pending})
+                    break
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        return [results[s.id] for s in subjects]
 
-    def run_one(self, subject: Subject) -> SubjectResult:
+    @property
+    def poll_seconds(self) -> float:
+        if self.opts.poll_seconds is not None:
+            return self.opts.poll_seconds
+        return min(10.0, self.opts.lease_seconds / 4)
+
+    def attempt(self, subject: Subject, waiting_for: set[str]) -> Optional[SubjectResult]:
+        """Skip, refuse or run one subject; None when another worker holds its lease (try again later)."""
+        out = join(self.opts.output, subject.id)
+        done = join(out, SUCCESS)
+        try:
+            if not self.opts.force and self.storage.exists(done):
+                log.info("%s: already done (%s exists); skipped", subject.id, done)
+                return SubjectResult(subject.id, "skipped", out)
+            if self.leases is None:
+                return self.run_one(subject, None)
+            claim = self.leases.claim(subject.id, unless_failed_since=self.leases.started_at)
+        except DbbatchError as e:
+            log.error("%s: failed: %s", subject.id, e)
+            return SubjectResult(subject.id, "failed", out, error_class=type(e).__name__, message=str(e))
+        if claim.lease is None:
+            current = claim.current or {}
+            if failed_since(current, self.leases.started_at):
+                message = f"failed in {describe(current).split(', lease')[0]}: {current.get('message')}; not retried in this pass (rerun to retry)"
+                log.error("%s: %s", subject.id, message)
+                return SubjectResult(subject.id, "failed", out, error_class=current.get("error_class") or "Failed", message=message)
+            if self.opts.force:
+                message = (f"subject {subject.id}: --force refused: {describe(current)} is working on it; wait for it to finish "
+                           "(or stop that worker) and rerun")
+                log.error("%s: failed: %s", subject.id, message)
+                return SubjectResult(subject.id, "failed", out, error_class="LeaseHeld", message=message)
+            if subject.id not in waiting_for:
+                log.info("%s: leased by %s; working on other subjects meanwhile", subject.id, describe(current))
+                waiting_for.add(subject.id)
+            return None
+        lease = claim.lease
+        result: Optional[SubjectResult] = None
+        try:
+            if not self.opts.force and self.storage.exists(done):  # finished by its last holder after our first look
+                log.info("%s: already done (%s exists); skipped", subject.id, done)
+                result = SubjectResult(subject.id, "skipped", out)
+            else:
+                result = self.run_one(subject, lease)
+        finally:
+            outcome = {"succeeded": "done", "skipped": "done", "failed": "failed", "preempted": "preempted"}
+            status = result.status if result else "released"
+            lease.release(outcome.get(status, "released"), result.message if result else None,
+                          result.error_class if result else None)
+        return result
+
+    def run_one(self, subject: Subject, lease: Optional[Lease] = None) -> SubjectResult:
         out = join(self.opts.output, subject.id)
         started = time.monotonic()
         faults.set_subject(subject.id)
         try:
-            if not self.opts.force and self.storage.exists(join(out, SUCCESS)):
-                log.info("%s: already done (%s exists); skipped", subject.id, join(out, SUCCESS))
-                return SubjectResult(subject.id, "skipped", out)
-            metrics = SubjectRun(self, subject, out).run()
+            metrics = SubjectRun(self, subject, out, lease).run()
             log.info("%s: done in %.1fs -> %s", subject.id, time.monotonic() - started, out)
             return SubjectResult(subject.id, "succeeded", out, steps=metrics["steps"], final_loss=metrics.get("final_loss"),
                                  seconds=time.monotonic() - started)
@@ -148,8 +232,9 @@ class Batch:
                 self._model.freeze()
 
     def write_report(self, results: list[SubjectResult], extra: dict[str, Any]) -> dict[str, Any]:
+        worker = self.leases.holder if self.leases else worker_identity(self.opts.run_id)
         report = {"run_id": self.opts.run_id, "output": self.opts.output, "base_model": self.manifest.base_model,
-                  "subjects": [asdict(r) for r in results], **extra}
+                  "worker": worker, "scratch": str(self.scratch), "subjects": [asdict(r) for r in results], **extra}
         try:
             self.storage.write_json(join(self.opts.output, "_runs", f"{self.opts.run_id}.json"), report)
         except DbbatchError as e:
@@ -160,18 +245,29 @@ class Batch:
 class SubjectRun:
     """The stages of one subject. Attributes carry what one stage hands the next."""
 
-    def __init__(self, batch: Batch, subject: Subject, out: str):
-        self.b, self.s, self.out = batch, subject, out
+    def __init__(self, batch: Batch, subject: Subject, out: str, lease: Optional[Lease] = None):
+        self.b, self.s, self.out, self.lease = batch, subject, out, lease
         self.storage = batch.storage
-        self.work = batch.opts.work_dir / "subjects" / subject.id
+        self.work = batch.scratch / "subjects" / subject.id
         self.seconds: dict[str, float] = {}
         self.label = f"{subject.id} "
+
+    def holds_lease(self, what: str) -> None:
+        """Before any write to the subject's outputs: the lease is still ours (no I/O)."""
+        if self.lease is not None:
+            self.lease.check(what)
+
+    def confirm_lease(self, what: str) -> None:
+        """Before a write that decides the outcome: the lease is still ours, asked of the store."""
+        if self.lease is not None:
+            self.lease.verify(what)
 
     def _timed(self, phase: str, started: float) -> None:
         self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.monotonic() - started, 3)
 
     def run(self) -> dict[str, Any]:
         if self.b.opts.force:
+            self.confirm_lease("deleting its outputs for --force")
             self.storage.remove(self.out, recursive=True)
         model = self.b.model
         res = self.s.resolution or model.native_resolution
@@ -199,6 +295,7 @@ class SubjectRun:
             self._timed("train", t)
             t = time.monotonic()
             self.publish_model()
+            self.confirm_lease(f"writing {STAGE}")
             self.storage.write_json(join(self.out, STAGE), {"stage": "trained", "train": train_metrics})
             self._timed("publish", t)
         t = time.monotonic()
@@ -294,7 +391,7 @@ class SubjectRun:
             resumed_from = step_of(resume_url)
             log.info("%s: resuming from %s", self.s.id, resume_url)
         checkpointer = StoreCheckpoints(self.storage, ckpt_remote, self.work / "checkpoints", cfg.checkpoint_every,
-                                        cfg.checkpoints_keep, cfg.max_steps)
+                                        cfg.checkpoints_keep, cfg.max_steps, guard=self.lease.check if self.lease else None)
         task = self.b.reporter.start(f"{self.label}train", total=cfg.max_steps, unit="step") if self.b.reporter else None
         try:
             if task is not None and resumed_from:
@@ -332,6 +429,7 @@ class SubjectRun:
             comps = dict(unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                          scheduler=DDIMScheduler.from_config(model.scheduler_config))
             save_folder(comps, local, dtype)
+        self.holds_lease("uploading the model")
         self.storage.upload_tree(local, join(self.out, "model"))
 
     def load_trained_weights(self) -> None:
@@ -368,6 +466,7 @@ class SubjectRun:
 
         def store(j: int, img: Image.Image, chunk: list[tuple[int, int]]) -> None:
             r, c = chunk[j]
+            self.holds_lease("storing samples")
             self.storage.write_bytes(join(folder, names[r][c]), png_bytes(img))
             made[names[r][c]] = img
             if task:
@@ -383,10 +482,12 @@ class SubjectRun:
         # the grid: images made now from memory, those stored by an earlier attempt read back
         images = [made.get(n) or Image.open(io.BytesIO(self.storage.read_bytes(join(folder, n)))).convert("RGB")
                   for row in names for n in row]
+        self.holds_lease("storing the sample grid")
         self.storage.write_bytes(join(folder, "grid.png"), png_bytes(make_grid(images, len(cfg.seeds))))
         self.storage.write_json(join(folder, "prompts.json"), {"rows": prompts, "columns": cfg.seeds, "files": names})
 
     def publish_rest(self, train_metrics: dict[str, Any]) -> dict[str, Any]:
+        self.holds_lease("publishing logs, config.yaml and metrics.json")
         logs = self.work / "logs"
         if logs.exists():
             self.storage.upload_tree(logs, join(self.out, "logs"))
@@ -402,8 +503,10 @@ class SubjectRun:
         metrics = {**train_metrics, "seconds": self.seconds, "versions": versions(), "run_id": self.b.opts.run_id,
                    "device": str(self.b.device), "resolution": self.resolution}
         self.storage.write_json(join(self.out, "metrics.json"), metrics)
+        self.confirm_lease(f"writing {SUCCESS}")
         self.storage.write_text(join(self.out, SUCCESS), f"{self.b.opts.run_id}\n")
         # Done: resume state is dead weight now (for SD 1.5 several GB per subject), local scratch too.
+        self.confirm_lease("deleting checkpoints")
         self.storage.remove(join(self.out, "checkpoints"), recursive=True)
         shutil.rmtree(self.work, ignore_errors=True)
         return metrics
@@ -415,3 +518,27 @@ def _advice(e: BaseException) -> str:
         return ("; lower train.batch_size or resolution, or set train.gradient_checkpointing: true and "
                 "train.mixed_precision: fp16 (or bf16)")
     return ""
+
+
+def scratch_dir(work_dir: Path, run_id: str) -> Path:
+    """`<work_dir>/scratch/<host>-<pid>-<run id>`: this process's scratch, removed when the batch ends."""
+    host = re.sub(r"[^A-Za-z0-9.]+", "_", socket.gethostname())
+    return work_dir / "scratch" / f"{host}-{os.getpid()}-{run_id}"
+
+
+def remove_orphan_scratch(work_dir: Path) -> None:
+    """Remove the scratch of dead workers of this host (SIGKILLed, OOM-killed): a rerun on a small volume must
+    not find its disk full of a dead run's checkpoint copies. Live pids (possibly reused) are left alone."""
+    host = re.sub(r"[^A-Za-z0-9.]+", "_", socket.gethostname())
+    root = work_dir / "scratch"
+    for folder in root.glob(f"{host}-*-*") if root.is_dir() else []:
+        pid = folder.name[len(host) + 1 :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("removing the scratch of dead worker pid %s: %s", pid, folder)
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's

@@ -420,7 +420,7 @@ RUN_CASES = [
             "DBBATCH_FAULTS); lower train.batch_size or resolution, or set train.gradient_checkpointing: true and "
             "train.mixed_precision: fp16 (or bf16)"),
     RunCase("disk-full", "plain/", "StorageError",
-            "disk-full: failed: cannot write checkpoint step-0000002.ckpt in {work}/subjects/disk-full/checkpoints (No "
+            "disk-full: failed: cannot write checkpoint step-0000002.ckpt in {scratch}/subjects/disk-full/checkpoints (No "
             "space left on device); checkpoints already stored in {dir}/out/disk-full/checkpoints are intact: free "
             "space in the work dir (--work-dir) and rerun to resume", train={"max_steps": 3, "checkpoint_every": 1}),
     RunCase("pickled-checkpoint", "plain/", "CheckpointError",
@@ -482,7 +482,8 @@ def batch(tmp_path_factory) -> Batch:
 
 
 def _fill(line: str, b: Batch) -> str:
-    return line.replace("{dir}", str(b.dir)).replace("{work}", str(b.work))
+    assert Path(b.report["scratch"]).parent == b.work / "scratch"  # the run's own scratch folder
+    return line.replace("{dir}", str(b.dir)).replace("{scratch}", b.report["scratch"])
 
 
 @pytest.mark.parametrize("case", RUN_CASES, ids=[c.name for c in RUN_CASES])
@@ -551,7 +552,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_a_rerun_resumes_from_it(bat
     ckpt = torch.load(stored[0], map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 1 and ckpt["state_dict"]
     assert read_meta(stored[0])["subject"] == "disk-full"
-    assert not list((batch.work / "subjects" / "disk-full" / "checkpoints").glob(".*.part")), "partial file left behind"
+    assert not list(batch.work.rglob("*.part")), "partial file left behind"
 
     env = {k: v for k, v in batch.env.items() if k != "DBBATCH_FAULTS"}
     again = run_cli("run", "m.yaml", "--only", "disk-full", env=env, cwd=batch.dir)

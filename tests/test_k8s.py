@@ -101,7 +101,7 @@ def test_optional_credentials_queue_and_output():
 
     irsa = {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/dbbatch"}
     objs = k8s.render(MANIFEST, opts(service_account="dbbatch-runner", service_account_annotations=irsa,
-                                     secret="s3-credentials", queue="gpu-queue", output="s3://bucket/out"))
+                                     secret="s3-credentials", kueue="gpu-queue", output="s3://bucket/out"))
     assert [o["kind"] for o in objs] == ["ServiceAccount", "ConfigMap", "Job"]  # apply order
     sa, job = objs[0], objs[2]
     assert sa["metadata"]["name"] == "dbbatch-runner" and sa["metadata"]["annotations"] == irsa
@@ -130,7 +130,7 @@ def test_configmap_carries_the_manifest_byte_for_byte(text):
 @pytest.mark.parametrize("kw,flag", [
     (dict(shards=0), "--shards"), (dict(name="Bad_Name"), "--name"), (dict(namespace="a" * 64), "--namespace"),
     (dict(gpus_per_pod=-1), "--gpus-per-pod"), (dict(parallelism=9), "--parallelism"),
-    (dict(max_failed_indexes=4), "--max-failed-indexes"), (dict(queue="Q!"), "--queue"),
+    (dict(max_failed_indexes=4), "--max-failed-indexes"), (dict(kueue="Q!"), "--kueue"),
     (dict(service_account_annotations={"a": "b"}), "--sa-annotation"), (dict(image=" "), "--image"),
     (dict(memory="32GB"), "--memory"), (dict(shm_size="8 Gi"), "--shm-size"), (dict(cpu="four"), "--cpu"),
 ])
@@ -178,12 +178,23 @@ def validate_all(docs: list[dict], where: str) -> None:
 @pytest.mark.parametrize("kw", [
     {},
     dict(gpus_per_pod=0, parallelism=1, max_failed_indexes=0),
+    dict(work_queue=True, shards=3),
     dict(gpus_per_pod=8, service_account="sa", service_account_annotations={"iam.gke.io/gcp-service-account": "x@p.iam.gserviceaccount.com"},
-         secret="creds", queue="team-a", output="s3://bucket/out", node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}),
+         secret="creds", kueue="team-a", output="s3://bucket/out", node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}),
 ])
 def test_rendered_objects_pass_strict_schema_validation(kw):
     text = k8s.to_yaml(k8s.render(MANIFEST, opts(**kw)))
     validate_all(list(yaml.safe_load_all(text)), "rendered")
+
+
+def test_work_queue_pods_run_queue_mode_without_a_shard_count():
+    static = by_kind(k8s.render(MANIFEST, opts(shards=3)))["Job"]["spec"]["template"]["spec"]["containers"][0]
+    queued = by_kind(k8s.render(MANIFEST, opts(shards=3, work_queue=True)))["Job"]
+    container = queued["spec"]["template"]["spec"]["containers"][0]
+    assert "--queue" in container["args"] and "--queue" not in static["args"]
+    names = lambda c: {e["name"] for e in c["env"]}  # noqa: E731
+    assert "DBBATCH_SHARD_COUNT" in names(static) and "DBBATCH_SHARD_COUNT" not in names(container)
+    assert queued["spec"]["completions"] == queued["spec"]["parallelism"] == 3  # one completion per pod
 
 
 def test_strict_validation_catches_a_misspelt_field():
