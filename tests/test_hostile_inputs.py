@@ -259,6 +259,33 @@ def test_manifest_case(case: ManifestCase, tmp_path: Path, cli_in_process):
         record(f"manifest/{case.name} (exit {got.exit_code})", line.replace(str(tmp_path), "<dir>"))
 
 
+# `dbbatch run` options that are wrong before any subject starts: one line, exit 2, nothing trained.
+RUN_OPTION_CASES = [
+    ("lease-seconds-too-short", ["--lease-seconds", "1"], True,
+     "Invalid value for '--lease-seconds' (env var: 'DBBATCH_LEASE_SECONDS'): Input should be greater than or equal to 2"),
+    ("queue-without-leases", ["--queue", "--no-leases"], False,
+     "--queue needs leases (workers divide the subjects through them); drop --no-leases"),
+    ("output-cannot-hold-a-lease", ["--output", "memory://dbbatch-hostile"], False,
+     "output: memory:// cannot hold a lease (no conditional create); leases need stores shared between processes "
+     "(local paths, s3://), so two workers on it could train one subject at once; use a local path or s3://, or "
+     "pass --no-leases to accept that risk"),
+]
+
+
+@pytest.mark.parametrize("name,args,usage,line", RUN_OPTION_CASES, ids=[c[0] for c in RUN_OPTION_CASES])
+def test_run_option_case(name: str, args: list[str], usage: bool, line: str, tmp_path: Path, cli_in_process):
+    draw_subject(tmp_path / "imgs", n=1, size=40)
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc()))
+    got = cli_in_process("run", "m.yaml", *args, cwd=tmp_path)
+    assert got.exit_code == 2, got.text
+    if usage:  # a usage error: click's own message, not a log line
+        assert line in " ".join(got.text.replace("│", " ").split()), got.text  # typer draws a box around it
+    else:
+        assert got.errors == [line], got.text
+    assert not (tmp_path / "out").exists() or not any(p.name not in ("_priors",) for p in (tmp_path / "out").iterdir())
+    record(f"run-options/{name} (exit 2)", line)
+
+
 def test_every_manifest_problem_is_reported_at_once(tmp_path: Path, cli_in_process):
     """Schema errors, raw-value checks and model checks together: one validate run lists them all."""
     draw_subject(tmp_path / "imgs", n=2, size=40)
@@ -591,5 +618,6 @@ def test_generated_names_come_only_from_validated_ids(batch: Batch):
     from dbbatch.manifest import id_problem
 
     top = {p.name for p in (batch.dir / "out").iterdir()}
-    assert top <= {c.name for c in RUN_CASES} | {"_runs", "_priors"}  # _priors: validate's write probe
-    assert all(id_problem(name) is None for name in top - {"_runs", "_priors"})
+    assert top <= {c.name for c in RUN_CASES} | {"_runs", "_priors", "_leases"}  # _priors: validate's write probe
+    assert all(id_problem(name) is None for name in top - {"_runs", "_priors", "_leases"})
+    assert {p.name for p in (batch.dir / "out" / "_leases").iterdir()} <= {c.name for c in RUN_CASES}
