@@ -151,6 +151,7 @@ class Batch:
                     break
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
+            remove_orphan_scratch(self.opts.work_dir)  # workers that died while this one ran
         return [results[s.id] for s in subjects]
 
     @property

@@ -249,29 +249,38 @@ def test_force_refuses_while_another_run_is_publishing_the_subject(tmp_path: Pat
 
 
 def test_a_sigkilled_holder_is_taken_over_after_its_lease_expires_and_training_resumes(tmp_path: Path):
+    """A replacement pod starts beside a live one (it waits), then the old one is SIGKILLed: the replacement takes
+    the subject over once the lease has expired, and resumes from the checkpoint the dead worker stored."""
     m = _manifest(tmp_path, "out", SUBJECTS[:1], max_steps=6, checkpoint_every=3)
-    work = tmp_path / "work"  # the same work dir: the rerun also clears the dead worker's scratch
+    work = tmp_path / "work"  # one work dir: the taker also clears the dead worker's scratch
     marker = tmp_path / "paused"
     victim = _start(m, cli_env(DBBATCH_WORK_DIR=str(work), DBBATCH_LEASE_SECONDS="4", DBBATCH_FAULTS="pause_at_step=4",
                                DBBATCH_FAULT_MARKER=str(marker)))
     _wait_for(marker, victim)
+    taker = _start(m, cli_env(DBBATCH_WORK_DIR=str(work)))
+    seen = []
+    for line in taker.stderr:  # the taker finds the live lease and waits
+        seen.append(line)
+        if "rex: leased by pod" in line:
+            break
+    else:
+        pytest.fail("the taker never reported the live lease: " + "".join(seen)[-3000:])
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     killed_at = time.time()
-    dead_scratch = list((work / "scratch").iterdir())
-    assert len(dead_scratch) == 1
     assert (tmp_path / "out" / "rex" / "checkpoints" / "step-0000003.ckpt").is_file()
-    taker = run_cli("run", str(m), env=cli_env(DBBATCH_WORK_DIR=str(work)), cwd=tmp_path)
-    assert taker.returncode == 0, taker.stderr
-    assert "rex: leased by pod" in taker.stderr and "rex: took over the expired lease of pod" in taker.stderr
-    assert "rex: resuming from" in taker.stderr and "step-0000003.ckpt" in taker.stderr
+    (code, err), = _finish([taker])
+    err = "".join(seen) + err
+    assert code == 0, err[-3000:]
+    assert "rex: took over the expired lease of pod" in err and "rex: resuming from" in err and "step-0000003.ckpt" in err
     old, new = (json.loads(p.read_text()) for p in sorted((tmp_path / "out" / "_leases" / "rex").glob("*.json")))
     assert (old["generation"], new["generation"]) == (0, 1) and not old["released"]
+    assert old["holder"]["pid"] == victim.pid and new["holder"]["pid"] == taker.pid
     assert new["acquired_at"] >= old["expires_at"] + grace_seconds(old["ttl_seconds"]), "taken over before it expired"
     assert new["acquired_at"] - killed_at < 4 + grace_seconds(4) + 5, "took far longer than the lease to take over"
     metrics = json.loads((tmp_path / "out" / "rex" / "metrics.json").read_text())
     assert (metrics["resumed_from_step"], metrics["steps"]) == (3, 6)
-    assert not dead_scratch[0].exists(), "the dead worker's scratch is removed"
+    assert not list((work / "scratch").iterdir()), "the dead worker's scratch is removed"
 
 
 def test_work_queue_three_workers_uneven_subjects_each_done_once_and_nobody_idles(tmp_path: Path):
