@@ -139,6 +139,8 @@ def validate(
     if check_remote:
         _quiet_libraries()
     found = check_manifest(m, base_dir, storage, check_remote, out, cache)
+    if check_remote and not found.storage and (no_lease := storage.lease_support(out)):
+        found.warnings.append(f"output: {no_lease}; `dbbatch run` refuses it unless given --no-leases")
     for w in found.warnings:
         log.warning("%s: %s", manifest, w)
     for p in found.problems + found.storage:
