@@ -134,7 +134,7 @@ class Lease:
             log.warning("%s: lease not renewed (%s); %.0fs left before work on it stops", self.subject, e, max(0.0, left))
 
     def _newer(self) -> Optional[dict[str, Any]]:
-        gens = sorted(g for g in map(generation_of, self.storage.list_files(self.folder)) if g is not None)
+        gens = sorted(g for g in map(generation_of, self.storage.list_files(self.folder, fresh=True)) if g is not None)
         if gens and gens[-1] > self.doc["generation"]:
             return _read(self.storage, join(self.folder, generation_name(gens[-1]))) or {}
         return None
@@ -196,7 +196,7 @@ class Leases:
         return join(self.output, LEASE_DIR, subject_id)
 
     def _generations(self, subject_id: str) -> list[int]:
-        return sorted(g for g in map(generation_of, self.storage.list_files(self.folder(subject_id))) if g is not None)
+        return sorted(g for g in map(generation_of, self.storage.list_files(self.folder(subject_id), fresh=True)) if g is not None)
 
     def current(self, subject_id: str) -> Optional[dict[str, Any]]:
         """The newest lease document of a subject (released, expired or live), or None if it never had one."""

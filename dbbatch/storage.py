@@ -301,8 +301,12 @@ class Storage:
         return f"{proto}://{path.split('://', 1)[-1]}"
 
     # -- reading -------------------------------------------------------------------------------------------
-    def exists(self, url: str) -> bool:
+    def exists(self, url: str, fresh: bool = False) -> bool:
+        """Whether `url` exists. `fresh`: ask the store, not this process's listing cache (s3fs caches listings
+        and sees only its own writes there; other workers' writes need a fresh look)."""
         fs, path = self._fs(url)
+        if fresh:
+            fs.invalidate_cache(path)
         return self._call("check", url, lambda: fs.exists(path))
 
     def isdir(self, url: str) -> bool:
@@ -325,12 +329,14 @@ class Storage:
                 return None
             raise
 
-    def list_files(self, url: str) -> list[str]:
+    def list_files(self, url: str, fresh: bool = False) -> list[str]:
         """Files directly inside a folder, in name order (empty if the folder is missing, an error if its
-        bucket is)."""
+        bucket is). `fresh`: bypass the listing cache (see `exists`)."""
         fs, path = self._fs(url)
 
         def ls() -> list[str]:
+            if fresh:
+                fs.invalidate_cache(path)
             try:
                 entries = fs.ls(path, detail=True)
             except FileNotFoundError as e:

@@ -165,7 +165,7 @@ class Batch:
         out = join(self.opts.output, subject.id)
         done = join(out, SUCCESS)
         try:
-            if not self.opts.force and self.storage.exists(done):
+            if not self.opts.force and self.storage.exists(done, fresh=True):  # another worker may have written it
                 log.info("%s: already done (%s exists); skipped", subject.id, done)
                 return SubjectResult(subject.id, "skipped", out)
             if self.leases is None:
@@ -192,7 +192,7 @@ class Batch:
         lease = claim.lease
         result: Optional[SubjectResult] = None
         try:
-            if not self.opts.force and self.storage.exists(done):  # finished by its last holder after our first look
+            if not self.opts.force and self.storage.exists(done, fresh=True):  # finished by its last holder after our first look
                 log.info("%s: already done (%s exists); skipped", subject.id, done)
                 result = SubjectResult(subject.id, "skipped", out)
             else:

@@ -122,6 +122,20 @@ def test_renewal_extends_the_expiry(tmp_path: Path):
     lease.release("done")
 
 
+def test_lease_listings_see_other_workers_writes_on_s3(s3):
+    """s3fs caches listings and sees only its own writes there; a lease read from such a cache would miss the
+    worker that took the subject over. (Without fresh listings `current` below is run-a's old generation.)"""
+    leases = Leases(Storage(), s3.url("out"), "run-a", ttl=30)
+    leases.claim("rex").lease.release("preempted")
+    assert leases.current("rex")["generation"] == 0  # listed, and cached by this process's s3fs
+    now = time.time()
+    other = {"subject": "rex", "generation": 1, "token": "t", "holder": {"pod": "p", "host": "h", "pid": 1, "run_id": "run-b"},
+             "ttl_seconds": 30, "expires_at": now + 30, "released": False}
+    s3.fs().pipe_file(s3.url("out", "_leases", "rex", "00000001.json"), json.dumps(other).encode())  # another client
+    claim = leases.claim("rex")
+    assert claim.lease is None and claim.current["holder"]["run_id"] == "run-b"
+
+
 def test_outputs_that_cannot_hold_a_lease_are_named():
     assert "memory:// cannot hold a lease" in Storage().lease_support("memory://x/out")
 
