@@ -8,8 +8,8 @@ DBBATCH_FAULTS is a ';'-separated list:
   disk_full_checkpoint[=STEP]
                        when writing a checkpoint (only the one of step STEP, if given), raise ENOSPC after
                        writing part of the file
-  disk_full_model      when writing the fine-tuned model folder, write part of the UNet file and raise the error
-                       safetensors raises on a full disk
+  disk_full_model=ID   when writing subject ID's fine-tuned model folder, write part of the UNet file and raise
+                       the error safetensors raises on a full disk
   pause_at_upload=NAME when writing a file named NAME to a local output (Storage.upload, write_bytes), while it
                        is still its temporary `.NAME.<hex>.part`: write its path to $DBBATCH_FAULT_MARKER and
                        wait until SIGTERM (tests then send SIGKILL mid-upload)
@@ -74,8 +74,8 @@ def on_checkpoint_write(path: Path) -> None:
 
 
 def on_model_write(folder: Path) -> None:
-    if "disk_full_model" not in _faults():
-        return
+    if _faults().get("disk_full_model") != _current_subject or folder.name != "model.tmp":
+        return  # only the subject's own model (the built-in base model is written the same way)
     from safetensors import SafetensorError
 
     part = folder / "unet" / "diffusion_pytorch_model.safetensors"
@@ -101,7 +101,8 @@ def on_upload(dest: Path) -> None:
 
 def on_publish(point: str) -> None:
     """A named moment of publishing a subject's outputs. Points: 'config' (the model, _stage.json, samples
-    and logs are stored; config.yaml, metrics.json and _SUCCESS are not)."""
+    and logs are stored; config.yaml, metrics.json and _SUCCESS are not), 'success' (_SUCCESS is written; the
+    stored checkpoints and the local scratch folder are not removed yet)."""
     if _faults().get("pause_at_publish") != point:
         return
     from dbbatch import signals

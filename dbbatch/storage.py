@@ -254,6 +254,7 @@ class Storage:
         # (storage_options.s3.max_concurrency, default 10; the client holds about two copies of each), not by
         # the file's size.
         self.part_bytes = part_bytes
+        quiet_orphaned_transfer_tasks()
 
     # -- plumbing ------------------------------------------------------------------------------------------
     def _fs(self, url: str) -> tuple[Any, str]:
@@ -506,6 +507,30 @@ class Storage:
         else:
             self._call("write to", url, lambda: _atomic_local_write(Path(path), b"probe"))
         self._call("delete a probe file in", url, lambda: fs.rm_file(path))
+
+
+class _OrphanedTransferTaskFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" report when the task died of a transient storage
+    error (a reset or refused connection, a timeout). s3fs runs requests as asyncio tasks on fsspec's loop, and
+    after a failed transfer a request task of it can end with the same connection error and nobody awaiting it;
+    asyncio then prints its traceback when the task is collected, long after `Storage._call` already retried the
+    whole operation (and said so in one line). Any other orphaned task's error still gets through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or not record.getMessage().startswith("Task exception was never retrieved"):
+            return True
+        if _kind(exc) != "transient":
+            return True
+        log.debug("an orphaned storage request task failed with %s (already retried): %s", type(exc).__name__, _first_line(exc))
+        return False
+
+
+def quiet_orphaned_transfer_tasks() -> None:
+    """Install the filter above on asyncio's logger (once)."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OrphanedTransferTaskFilter) for f in logger.filters):
+        logger.addFilter(_OrphanedTransferTaskFilter())
 
 
 def _version_of(info: dict[str, Any]) -> str:

@@ -466,6 +466,7 @@ class SubjectRun:
         self.storage.write_json(join(self.out, "metrics.json"), metrics)
         self.storage.remove_partials(self.out)  # left by a killed earlier attempt; see Storage.remove_partials
         self.storage.write_text(join(self.out, SUCCESS), f"{self.b.opts.run_id}\n")
+        faults.on_publish("success")
         # Done: resume state is dead weight now (for SD 1.5 several GB per subject), local scratch too.
         self.storage.remove(join(self.out, "checkpoints"), recursive=True)
         shutil.rmtree(self.work, ignore_errors=True)

@@ -209,3 +209,40 @@ def test_check_writable(tmp_path: Path, mem: str):
     (tmp_path / "file").write_text("x")
     with pytest.raises(StorageError, match=f"cannot write to {tmp_path}/file/out: "):
         storage.check_writable(str(tmp_path / "file" / "out"))
+
+
+def _orphan_task_records(error: BaseException, caplog) -> list[str]:
+    """Run a task on a real event loop that fails with `error` and is never awaited; collect what asyncio logs."""
+    import asyncio
+    import gc
+
+    async def request() -> None:
+        raise error
+
+    async def main() -> None:
+        asyncio.get_running_loop().create_task(request())  # never awaited: what a failed transfer can leave
+        await asyncio.sleep(0.01)
+
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(main())
+        gc.collect()
+    return [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+
+
+def test_orphaned_transfer_task_traceback_is_dropped_but_other_task_errors_are_not(caplog):
+    from botocore.exceptions import EndpointConnectionError
+
+    logger = logging.getLogger("asyncio")
+    saved = logger.filters[:]
+    logger.filters[:] = [f for f in saved if type(f).__name__ != "_OrphanedTransferTaskFilter"]
+    try:
+        reset = EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/k")
+        before = _orphan_task_records(reset, caplog)
+        assert before and before[0].startswith("Task exception was never retrieved")  # the chatter, unfiltered
+        Storage()  # a Storage in the process installs the filter
+        assert _orphan_task_records(reset, caplog) == []
+        other = _orphan_task_records(ValueError("a bug in a task"), caplog)
+        assert other and other[0].startswith("Task exception was never retrieved")
+    finally:
+        logger.filters[:] = saved
