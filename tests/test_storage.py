@@ -246,3 +246,18 @@ def test_orphaned_transfer_task_traceback_is_dropped_but_other_task_errors_are_n
         assert other and other[0].startswith("Task exception was never retrieved")
     finally:
         logger.filters[:] = saved
+
+
+def test_a_local_copy_is_reused_only_while_it_matches_the_stored_file(tmp_path: Path):
+    """A repaired (or --force-rewritten) stored file of the same name and size is fetched again."""
+    import os
+
+    storage = Storage()
+    stored, local = tmp_path / "out" / "step-0000004.ckpt", tmp_path / "work" / "step-0000004.ckpt"
+    storage.write_bytes(str(stored), b"broken!!")
+    assert storage.fetch(str(stored), local).read_bytes() == b"broken!!"
+    mtime = local.stat().st_mtime_ns
+    assert storage.fetch(str(stored), local).stat().st_mtime_ns == mtime  # unchanged: the copy is reused
+    storage.write_bytes(str(stored), b"repaired")  # same name, same size
+    os.utime(stored, ns=(stored.stat().st_atime_ns, stored.stat().st_mtime_ns + 1_000_000))  # a coarse-mtime disk
+    assert storage.fetch(str(stored), local).read_bytes() == b"repaired"
