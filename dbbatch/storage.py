@@ -380,10 +380,10 @@ class Storage:
         return sorted(FileInfo(name[len(root):], int(info.get("size") or 0), _version_of(info))
                       for name, info in found.items() if info.get("type") == "file" and name.startswith(root))
 
-    def info(self, url: str) -> FileInfo:
-        """Size and version of one stored file (`rel` is its name)."""
+    def info(self, url: str, what: str = "check") -> FileInfo:
+        """Size and version of one stored file (`rel` is its name); `what` names the operation in errors."""
         fs, path = self._fs(url)
-        found = self._call("check", url, lambda: fs.info(path))
+        found = self._call(what, url, lambda: fs.info(path))
         return FileInfo(url.rstrip("/").rsplit("/", 1)[-1], int(found.get("size") or 0), _version_of(found))
 
     def fetch(self, url: str, local: Path, stored: Optional[FileInfo] = None) -> Path:
@@ -392,7 +392,7 @@ class Storage:
         in a hidden `.<name>.stored` beside it when it was downloaded. A name alone proves nothing: after
         `--force` or a repaired upload the stored file under that name is another one. `stored` is the
         file's listing entry when the caller has it (saves a request)."""
-        stored = stored or self.info(url)
+        stored = stored or self.info(url, "download")
         record = local.with_name(f".{local.name}.stored")
         identity = json.dumps({"url": redact(url), "size": stored.size, "version": stored.version})
         if (local.is_file() and local.stat().st_size == stored.size and record.is_file()

@@ -57,16 +57,18 @@ def test_local_writes_are_atomic(tmp_path: Path):
     assert sorted(p.name for p in dest.parent.iterdir()) == ["metrics.json"], "no temporary file left behind"
 
 
-def test_fetch_skips_a_finished_download(tmp_path: Path, mem: str):
+def test_fetch_skips_a_finished_download_of_the_same_stored_file(tmp_path: Path, mem: str):
     storage = Storage()
     storage.write_bytes(f"{mem}/ckpt/step-3.ckpt", b"v1")
     local = tmp_path / "dl" / "step-3.ckpt"
     assert storage.fetch(f"{mem}/ckpt/step-3.ckpt", local).read_bytes() == b"v1"
-    storage.write_bytes(f"{mem}/ckpt/step-3.ckpt", b"v2")
-    assert storage.fetch(f"{mem}/ckpt/step-3.ckpt", local).read_bytes() == b"v1"
+    first = local.stat().st_mtime_ns
+    assert storage.fetch(f"{mem}/ckpt/step-3.ckpt", local).stat().st_mtime_ns == first  # not downloaded again
+    storage.write_bytes(f"{mem}/ckpt/step-3.ckpt", b"v2")  # another object under the same name
+    assert storage.fetch(f"{mem}/ckpt/step-3.ckpt", local).read_bytes() == b"v2"
     with pytest.raises(StorageError, match=rf"cannot download {mem}/ckpt/nope: no such file"):
         storage.fetch(f"{mem}/ckpt/nope", tmp_path / "dl" / "nope")
-    assert sorted(p.name for p in local.parent.iterdir()) == ["step-3.ckpt"], "no partial file left behind"
+    assert sorted(p.name for p in local.parent.iterdir()) == [".step-3.ckpt.stored", "step-3.ckpt"], "no partial file left behind"
 
 
 @pytest.mark.parametrize("scheme", ["memory", "file"])
