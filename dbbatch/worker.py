@@ -287,7 +287,13 @@ class SubjectRun:
         if recorded is None:
             changed = ["its settings were not recorded (an older dbbatch stored it)"]
         else:
-            if stage.get("instance_listing") == self.photo_listing():
+            try:
+                listing = self.photo_listing()
+            except ImageError as e:  # the photos were removed once the model was stored: nothing to compare
+                log.warning("%s: cannot check the stored model against the photos (%s); comparing its settings only",
+                            self.s.id, e)
+                listing = stage.get("instance_listing")
+            if stage.get("instance_listing") == listing:
                 self.images_digest = recorded.get("instance_images")
             else:
                 self.load_instance_images()
