@@ -289,7 +289,9 @@ class SubjectRun:
         else:
             try:
                 listing = self.photo_listing()
-            except ImageError as e:  # the photos were removed once the model was stored: nothing to compare
+            except (ImageError, StorageError) as e:  # photos removed once the model was stored: nothing to compare
+                if isinstance(e, StorageError) and not isinstance(e.__cause__, FileNotFoundError):
+                    raise
                 log.warning("%s: cannot check the stored model against the photos (%s); comparing its settings only",
                             self.s.id, e)
                 listing = stage.get("instance_listing")
