@@ -85,6 +85,30 @@ def reference(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 # -- finding 3: resume checks what it resumes -------------------------------------------------------------------
 
 
+def test_fingerprint_names_what_decides_the_result_and_ignores_what_does_not(tmp_path: Path):
+    from dbbatch.checkpoints import RESUME_SETTINGS
+    from dbbatch.fingerprints import changes, images_digest, stage_fingerprint, subject_fingerprint
+    from dbbatch.manifest import load_manifest, resolve_subjects
+
+    def subject(tmp: Path, **train):
+        m, base = load_manifest(_manifest(tmp, "fp", **train))
+        return resolve_subjects(m, base)[0]
+
+    tmp = tmp_path
+    photos = images_digest([b"a", b"b"])
+    base = subject_fingerprint(subject(tmp), 32, "model-a", photos, RESUME_SETTINGS)
+    assert base == subject_fingerprint(subject(tmp, checkpoint_every=7, checkpoints_keep=3, learning_rate=3e-4,
+                                               max_steps=99), 32, "model-a", photos, RESUME_SETTINGS)
+    assert changes(base, subject_fingerprint(subject(tmp), 40, "model-b", images_digest([b"b", b"a"]), RESUME_SETTINGS)) == [
+        "base_model (model-a -> model-b)", f"instance_images ({photos} -> {images_digest([b'b', b'a'])})",
+        "resolution (32 -> 40)"]
+    assert changes(base, subject_fingerprint(subject(tmp, train_text_encoder=True), 32, "model-a", photos, RESUME_SETTINGS)) == [
+        "train.train_text_encoder (False -> True)"]
+    stage = stage_fingerprint(subject(tmp), 32, "model-a", photos, "fp32", "full")
+    assert changes(stage, stage_fingerprint(subject(tmp, max_steps=16), 32, "model-a", photos, "fp16", "full")) == [
+        "output_dtype (fp32 -> fp16)", "train.max_steps (12 -> 16)"]
+
+
 def test_stale_local_checkpoint_is_not_used(tmp_path: Path, reference):
     """A local copy of step 4 from an earlier attempt (lr 2e-4) stays in the work dir; the subject is then
     redone with --force at lr 1e-4 and killed after step 4 again. The rerun must resume the stored step 4,
