@@ -20,6 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import cli_env, draw_subject, run_cli, tiny_manifest
+from test_hostile_inputs import record  # scripts/hostile_corpus.py lists these cases too
 
 STEPS, EVERY = 12, 4
 UNET = "model/unet/diffusion_pytorch_model.safetensors"
@@ -145,6 +146,7 @@ def test_changed_input_restarts_from_step_0_with_one_warning(tmp_path: Path, cha
     assert warned[0].startswith(f"rex: not resuming checkpoint {tmp_path / 'out' / 'rex' / 'checkpoints' / 'step-0000004.ckpt'}: "
                                 f"changed since it was written: {what}")
     assert warned[0].endswith("training restarts from step 0 (the stored checkpoints of rex are removed)")
+    record(f"resume/changed {change} (warning, trained from step 0)", warned[0].replace(str(tmp_path), "<dir>"))
     assert "resuming from" not in rerun.stderr
     metrics = _metrics(tmp_path / "out")
     assert (metrics["resumed_from_step"], metrics["steps"]) == (None, STEPS)
@@ -161,6 +163,8 @@ def test_max_steps_below_the_checkpoint_restarts_from_step_0(tmp_path: Path):
            "train.max_steps is 6 now, below its step 8; training restarts from step 0" in rerun.stderr
     metrics = _metrics(tmp_path / "out")
     assert (metrics["resumed_from_step"], metrics["steps"], len(metrics["loss_curve"])) == (None, 6, 6)
+    record("resume/max_steps below the checkpoint (warning, trained from step 0)",
+           next(w for w in _warnings(rerun.stderr) if "not resuming" in w).replace(str(tmp_path), "<dir>"))
     assert yaml.safe_load((tmp_path / "out" / "rex" / "config.yaml").read_text())["subject"]["train"]["max_steps"] == 6
 
 
@@ -173,6 +177,8 @@ def test_raised_max_steps_after_the_model_was_stored_trains_again(tmp_path: Path
     rerun = _run(_manifest(tmp_path, "out", max_steps=16), work)
     assert rerun.returncode == 0, rerun.stderr
     assert "rex: the stored model was trained with other settings: train.max_steps (12 -> 16); training again" in rerun.stderr
+    record("stage/raised max_steps after the model was stored (warning, trained again)",
+           next(w for w in _warnings(rerun.stderr) if "stored model" in w))
     assert "loading it instead of training" not in rerun.stderr
     metrics = _metrics(tmp_path / "out")
     assert metrics["steps"] == 16 and len(metrics["loss_curve"]) == 16
@@ -194,6 +200,8 @@ def test_truncated_newest_checkpoint_falls_back_to_the_older_one_bitwise(tmp_pat
     assert f"rex: checkpoint {newest} cannot be read (RuntimeError); removing it and trying the next older checkpoint" \
            in _warnings(rerun.stderr)
     assert f"rex: fell back to the older checkpoint {ckpts / 'step-0000004.ckpt'} (step 4)" in _warnings(rerun.stderr)
+    for line in _warnings(rerun.stderr):
+        record("resume/truncated newest checkpoint (warning, older one resumed)", line.replace(str(tmp_path), "<dir>"))
     assert _metrics(tmp_path / "out")["resumed_from_step"] == 4
     ref, got = load_file(str(reference[0] / "rex" / UNET)), load_file(str(tmp_path / "out" / "rex" / UNET))
     assert not _differing(ref, got), "the fallback resume is not bitwise the uninterrupted run"
@@ -225,6 +233,8 @@ def test_corrupted_prior_images_are_reported_by_name_and_regenerated(tmp_path: P
     assert warned[0].endswith("; regenerating it")
     assert warned[1] == f"rex class image {folder / '000001.png'} is 64x64, not 32x32; regenerating it"
     assert len(warned) == 2
+    for line in warned:
+        record("priors/corrupted class image (warning, regenerated)", line.replace(str(tmp_path), "<dir>"))
     assert {n: (folder / n).read_bytes() for n in original} == original  # image i is a pure function of seed + i
 
 
