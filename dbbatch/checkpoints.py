@@ -115,8 +115,6 @@ def pick_resume(storage: Any, remote_dir: str, local_dir: Path, fingerprint: dic
     and the next older one is tried. A readable one that does not match (restart_reason) means training
     restarts from step 0: then every stored checkpoint of the subject is removed, since they belong to another
     configuration, and pruning by step would otherwise delete the new run's checkpoints in favour of theirs."""
-    from dbbatch.storage import join
-
     stored = sorted(((step_of(u), u) for u in storage.list_files(remote_dir) if step_of(u) is not None), reverse=True)
     unreadable: list[str] = []
     for step, url in stored:
@@ -146,7 +144,7 @@ def pick_resume(storage: Any, remote_dir: str, local_dir: Path, fingerprint: dic
     if unreadable:
         for bad in unreadable:
             storage.remove(bad)
-        log.warning("%s: no readable checkpoint left in %s; training restarts from step 0", subject_id, join(remote_dir))
+        log.warning("%s: no readable checkpoint left in %s; training restarts from step 0", subject_id, remote_dir)
     return None
 
 
