@@ -511,10 +511,13 @@ class Storage:
 
 class _OrphanedTransferTaskFilter(logging.Filter):
     """Drops asyncio's "Task exception was never retrieved" report when the task died of a transient storage
-    error (a reset or refused connection, a timeout). s3fs runs requests as asyncio tasks on fsspec's loop, and
-    after a failed transfer a request task of it can end with the same connection error and nobody awaiting it;
-    asyncio then prints its traceback when the task is collected, long after `Storage._call` already retried the
-    whole operation (and said so in one line). Any other orphaned task's error still gets through."""
+    error (a reset or refused connection, a timeout). s3fs sends requests through aiobotocore and aiohttp on
+    fsspec's event loop; aiohttp writes a request body in a task of its own (`ClientRequest.write_bytes`), and
+    when a connection dies during an upload that task can fail after the request already failed, with nobody
+    awaiting it. asyncio then prints its traceback when the task is collected, after `Storage._call` already
+    retried the whole operation and said so in one line. (Not reproduced with the pinned aiohttp 3.14, which
+    marks its upload futures retrieved; the filter keeps older and newer stacks quiet.) An orphaned task's
+    error of any other kind still gets through."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
