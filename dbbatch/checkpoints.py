@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -23,14 +25,15 @@ from dbbatch.errors import CheckpointError, Preempted, StorageError
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"step-(\d+)\.ckpt$")
-# Settings whose change on resume is reported, and which side wins.
+# Settings that may change between attempts: a change is reported with which side wins and the resume goes on.
+# Every other setting that decides the result is in the checkpoint's fingerprint (fingerprints.py): a change
+# there restarts training. max_steps below the checkpoint's step restarts too (see pick_resume).
 RESUME_SETTINGS = {
     "max_steps": "the manifest",
     "learning_rate": "the checkpoint (its optimizer and LR-schedule state are restored)",
     "lr_scheduler": "the checkpoint (its LR-schedule state is restored)",
     "batch_size": "the manifest (the data order after the resume point changes)",
     "gradient_accumulation": "the manifest",
-    "train_text_encoder": "nobody: start over with --force",
     "seed": "the checkpoint (its RNG states are restored)",
 }
 
@@ -64,32 +67,85 @@ def read_meta(path: Path, source: Optional[str] = None) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
-        raise CheckpointError(f"checkpoint {name} cannot be read ({type(e).__name__}); delete it to start over") from None
+        raise CheckpointError(f"checkpoint {name} cannot be read ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "dbbatch" not in ckpt:
-        raise CheckpointError(f"checkpoint {name} was not written by dbbatch; delete it to start over")
+        raise CheckpointError(f"checkpoint {name} was not written by dbbatch")
     return ckpt["dbbatch"]
 
 
-def resume_warnings(meta: dict[str, Any], model_identity: str, train: Any, subject_id: str) -> list[str]:
-    """Refuse a checkpoint of another base model; describe changed training settings and who wins."""
+def resume_warnings(meta: dict[str, Any], train: Any, subject_id: str) -> list[str]:
+    """Describe the settings that changed since the checkpoint but may change (RESUME_SETTINGS), and who wins."""
+    old = meta.get("train", {})
+    return [f"subject {subject_id}: train.{key} changed since the checkpoint ({old[key]} -> {getattr(train, key)}); {winner} wins"
+            for key, winner in RESUME_SETTINGS.items() if key in old and old[key] != getattr(train, key)]
+
+
+def restart_reason(meta: dict[str, Any], fingerprint: dict[str, Any], max_steps: int, step: int) -> Optional[str]:
+    """Why a readable checkpoint must not be resumed (None: resume it).
+
+    max_steps policy: a checkpoint at or below the new max_steps resumes and trains up to it (the manifest
+    wins); one past it restarts from step 0, so the published model is always trained for exactly
+    train.max_steps steps, as config.yaml and metrics.json say."""
+    from dbbatch.fingerprints import changes
     from dbbatch.training import CHECKPOINT_FORMAT
 
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"subject {subject_id}: stored checkpoint has format {meta.get('format')}, this dbbatch "
-                              f"resumes format {CHECKPOINT_FORMAT} only; delete {subject_id}/checkpoints/ or rerun with --force")
-    if meta.get("base_model") != model_identity:
-        raise CheckpointError(
-            f"subject {subject_id}: stored checkpoint was trained from base model {meta.get('base_model')!r}, "
-            f"not {model_identity!r}; delete {subject_id}/checkpoints/ or rerun with --force"
-        )
-    old = meta.get("train", {})
-    notes = []
-    for key, winner in RESUME_SETTINGS.items():
-        if key in old and old[key] != getattr(train, key):
-            if key == "train_text_encoder":
-                raise CheckpointError(f"subject {subject_id}: train.train_text_encoder changed since the checkpoint; rerun with --force")
-            notes.append(f"subject {subject_id}: train.{key} changed since the checkpoint ({old[key]} -> {getattr(train, key)}); {winner} wins")
-    return notes
+        return f"it has checkpoint format {meta.get('format')}, this dbbatch resumes format {CHECKPOINT_FORMAT} only"
+    changed = changes(meta.get("fingerprint", {}), fingerprint)
+    if changed:
+        return f"changed since it was written: {', '.join(changed)}"
+    if step > max_steps:
+        return f"train.max_steps is {max_steps} now, below its step {step}"
+    return None
+
+
+@dataclass
+class Resume:
+    url: str  # the stored checkpoint
+    local: Path  # its verified local copy
+    step: int
+    meta: dict[str, Any]
+
+
+def pick_resume(storage: Any, remote_dir: str, local_dir: Path, fingerprint: dict[str, Any], train: Any,
+                subject_id: str) -> Optional[Resume]:
+    """The newest stored checkpoint that can be read and matches this run, or None (train from step 0).
+
+    An unreadable checkpoint (truncated upload, bit rot, a file dbbatch did not write) is reported and removed,
+    and the next older one is tried. A readable one that does not match (restart_reason) means training
+    restarts from step 0: then every stored checkpoint of the subject is removed, since they belong to another
+    configuration, and pruning by step would otherwise delete the new run's checkpoints in favour of theirs."""
+    stored = sorted(((step_of(u), u) for u in storage.list_files(remote_dir) if step_of(u) is not None), reverse=True)
+    unreadable: list[str] = []
+    for step, url in stored:
+        local = storage.fetch(url, local_dir / url.rsplit("/", 1)[-1])
+        try:
+            meta = read_meta(local, url)
+        except CheckpointError as e:
+            log.warning("%s: %s; removing it and trying the next older checkpoint", subject_id, e)
+            unreadable.append(url)
+            local.unlink(missing_ok=True)
+            continue
+        reason = restart_reason(meta, fingerprint, train.max_steps, step)
+        if reason:
+            log.warning("%s: not resuming checkpoint %s: %s; training restarts from step 0 (the stored checkpoints "
+                        "of %s are removed)", subject_id, url, reason, subject_id)
+            for _, other in stored:
+                storage.remove(other)
+            shutil.rmtree(local_dir, ignore_errors=True)
+            return None
+        for note in resume_warnings(meta, train, subject_id):
+            log.warning(note)
+        for bad in unreadable:
+            storage.remove(bad)
+        if unreadable:
+            log.warning("%s: fell back to the older checkpoint %s (step %d)", subject_id, url, step)
+        return Resume(url, local, step, meta)
+    if unreadable:
+        for bad in unreadable:
+            storage.remove(bad)
+        log.warning("%s: no readable checkpoint left in %s; training restarts from step 0", subject_id, remote_dir)
+    return None
 
 
 class StoreCheckpoints(pl.Callback):
@@ -128,7 +184,7 @@ class StoreCheckpoints(pl.Callback):
             if at_boundary:
                 if step != self.last_saved:
                     self.save(trainer, step)
-                raise Preempted(f"SIGTERM received; checkpoint at step {step} stored")
+                raise Preempted(f"{signals.name()} received; checkpoint at step {step} stored")
             return
         if at_boundary and step % self.every == 0 and step != self.last_saved and step < self.max_steps:
             self.save(trainer, step)

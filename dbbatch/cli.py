@@ -5,6 +5,7 @@ Exit codes (a contract the Kubernetes Job's podFailurePolicy relies on):
   1    at least one subject failed (retrying may help), or an unexpected error
   2    invalid manifest or input (do not retry)
   3    storage unreachable or not writable at the batch level (output, prior cache, base model download)
+  130  interrupted by SIGINT (Ctrl-C): checkpoints and the report stored, like 143
   143  preempted by SIGTERM: checkpoints stored, retry
 """
 
@@ -23,7 +24,7 @@ import typer
 
 from dbbatch.errors import DbbatchError, InputError, ManifestError, Preempted, StorageError
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STORAGE, EXIT_PREEMPTED = 0, 1, 2, 3, 143
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STORAGE, EXIT_INTERRUPTED, EXIT_PREEMPTED = 0, 1, 2, 3, 130, 143
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DreamBooth fine-tuning of Stable Diffusion for many subjects, as a batch job.")
@@ -81,7 +82,9 @@ def _fail(exc: BaseException) -> "typer.Exit":
     if _debug:
         log.exception("details")
     if isinstance(exc, Preempted):
-        return typer.Exit(EXIT_PREEMPTED)
+        from dbbatch import signals
+
+        return typer.Exit(signals.exit_code())  # EXIT_PREEMPTED, or EXIT_INTERRUPTED after SIGINT
     if isinstance(exc, InputError):
         return typer.Exit(EXIT_INVALID)
     if isinstance(exc, StorageError):
@@ -231,9 +234,10 @@ def run(
     reporter = Reporter()
     try:
         storage.reporter = reporter
-        not_writable = writable_problem(storage, out, "output")
-        if not_writable:
-            raise StorageError(not_writable)
+        for location, field_name in ((out, "output"), (cache, "prior_cache")):
+            not_writable = writable_problem(storage, location, field_name)
+            if not_writable:
+                raise StorageError(not_writable)
         if not no_leases and (no_lease := storage.lease_support(out)):
             raise InputError(f"output: {no_lease}, so two workers on it could train one subject at once; use a local "
                              "path or s3://, or pass --no-leases to accept that risk")
@@ -248,7 +252,7 @@ def run(
         reporter.stop()
     preempted = any(r.status == "preempted" for r in results)
     summary = batch.write_report(results, {"shard_index": shard_index, "shard_count": shard_count,
-                                           "preempted": preempted,
+                                           "preempted": preempted, "stop_signal": signals.name() if preempted else None,
                                            "sigterm_to_exit_seconds": round(signals.seconds_since_request(), 3) if preempted else None})
     if report:
         try:
@@ -259,13 +263,14 @@ def run(
             log.error("could not write --report: %s", e)
     _print_table(results)
     if preempted:
-        log.warning("preempted: SIGTERM to exit took %.2fs; rerun to resume", signals.seconds_since_request())
-        raise typer.Exit(EXIT_PREEMPTED)
+        log.warning("preempted: %s to exit took %.2fs; rerun to resume", signals.name(), signals.seconds_since_request())
+        raise typer.Exit(signals.exit_code())  # EXIT_PREEMPTED, or EXIT_INTERRUPTED after SIGINT
     failed = [r for r in results if r.status == "failed"]
     if failed:
         all_input = all(r.error_class in ("ImageError", "InputError", "ModelError") for r in failed)
+        attempted = [r for r in results if r.status != "skipped"]  # subjects already done say nothing about input
         log.error("%d of %d subject(s) failed", len(failed), len(results))
-        raise typer.Exit(EXIT_INVALID if all_input and len(failed) == len(results) else EXIT_FAILED)
+        raise typer.Exit(EXIT_INVALID if all_input and len(failed) == len(attempted) else EXIT_FAILED)
 
 
 def _print_table(results) -> None:

@@ -43,18 +43,21 @@ class SpawnLauncher(_MultiProcessingLauncher):
 
     # --- main process ----------------------------------------------------------------------------------
     def launch(self, function: Callable, *args: Any, trainer: Optional[pl.Trainer] = None, **kwargs: Any) -> Any:
-        previous = signal.getsignal(signal.SIGTERM)
+        stop_signals = (signal.SIGTERM, signal.SIGINT)  # SIGINT: `kill -INT` of this process alone reaches no rank
+        previous = {signum: signal.getsignal(signum) for signum in stop_signals}
 
-        def on_sigterm(signum: int, frame: Any) -> None:
-            if callable(previous):
-                previous(signum, frame)  # dbbatch.signals: the worker exits 143 afterwards
+        def on_stop(signum: int, frame: Any) -> None:
+            if callable(previous[signum]):
+                previous[signum](signum, frame)  # dbbatch.signals: the worker exits 143 (130) afterwards
             self.stop.set()
 
-        signal.signal(signal.SIGTERM, on_sigterm)
+        for signum in stop_signals:
+            signal.signal(signum, on_stop)
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum in stop_signals:
+                signal.signal(signum, previous[signum])
 
     def relay_progress(self, task: Any) -> threading.Thread:
         """A thread feeding the reporter from rank 0's queue until `stop_relay`."""

@@ -8,6 +8,11 @@ DBBATCH_FAULTS is a ';'-separated list:
   disk_full_checkpoint[=STEP]
                        when writing a checkpoint (only the one of step STEP, if given), raise ENOSPC after
                        writing part of the file
+  disk_full_model=ID   when writing subject ID's fine-tuned model folder, write part of the UNet file and raise
+                       the error safetensors raises on a full disk
+  pause_at_upload=NAME when writing a file named NAME to a local output (Storage.upload, write_bytes), while it
+                       is still its temporary `.NAME.<hex>.part`: write its path to $DBBATCH_FAULT_MARKER and
+                       wait until SIGTERM (tests then send SIGKILL mid-upload)
   pause_at_publish=P   at publish point P of a subject (see on_publish), write P to $DBBATCH_FAULT_MARKER and
                        wait until the file `$DBBATCH_FAULT_MARKER.continue` exists or SIGTERM arrives (tests
                        cut the storage endpoint meanwhile, then let publishing go on)
@@ -68,9 +73,36 @@ def on_checkpoint_write(path: Path) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
 
+def on_model_write(folder: Path) -> None:
+    if _faults().get("disk_full_model") != _current_subject or folder.name != "model.tmp":
+        return  # only the subject's own model (the built-in base model is written the same way)
+    from safetensors import SafetensorError
+
+    part = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(b"\0" * 4096)
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def on_upload(dest: Path) -> None:
+    """Called with a local destination whose data is still in its temporary file."""
+    f = _faults()
+    if not f or f.get("pause_at_upload") != dest.name:
+        return
+    from dbbatch import signals
+
+    marker = os.environ.get("DBBATCH_FAULT_MARKER")
+    if marker:
+        Path(marker).write_text(str(dest))
+    deadline = time.monotonic() + 300
+    while not signals.requested() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def on_publish(point: str) -> None:
     """A named moment of publishing a subject's outputs. Points: 'config' (the model, _stage.json, samples
-    and logs are stored; config.yaml, metrics.json and _SUCCESS are not)."""
+    and logs are stored; config.yaml, metrics.json and _SUCCESS are not), 'success' (_SUCCESS is written; the
+    stored checkpoints and the local scratch folder are not removed yet)."""
     if _faults().get("pause_at_publish") != point:
         return
     from dbbatch import signals

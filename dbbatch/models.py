@@ -14,9 +14,9 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from dbbatch.errors import ModelError
+from dbbatch.errors import ModelError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +179,30 @@ def save_folder(comps: dict[str, Any], out_dir: Path, dtype: Any = None) -> Path
         vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"], unet=comps["unet"],
         scheduler=comps["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+    def write(tmp: Path) -> None:
+        with cast_for_saving([comps["unet"], comps["vae"], comps["text_encoder"]], dtype):
+            pipe.save_pretrained(tmp, safe_serialization=True)
+
+    return _write_model_folder(out_dir, write)
+
+
+def _write_model_folder(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """`write` the folder as `<out_dir>.tmp`, then rename it to `out_dir`. On any failure the temporary folder
+    is removed (a full disk must not stay full for the rerun); a full disk becomes one line naming the path."""
+    from dbbatch import faults
+
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    with cast_for_saving([comps["unet"], comps["vae"], comps["text_encoder"]], dtype):
-        pipe.save_pretrained(tmp, safe_serialization=True)
+    try:
+        faults.on_model_write(tmp)
+        write(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e):
+            raise StorageError(f"cannot write the fine-tuned model to {tmp}: no space left on device; free space in the "
+                               "work dir or pass a larger one with --work-dir (or $DBBATCH_WORK_DIR), then rerun") from None
+        raise
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
@@ -201,6 +221,16 @@ def cache_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT as an OSError, or inside safetensors' SafetensorError text ("... (os error 28)")."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return f"os error {errno.ENOSPC}" in text or "No space left on device" in text
 
 
 def write_builtin(name: str, out_dir: Path) -> Path:
@@ -352,18 +382,17 @@ DELTA_FILE = "dbbatch_delta.json"
 def save_delta(model: BaseModel, out_dir: Path, with_text_encoder: bool, dtype: Any = None) -> Path:
     """Only the components fine-tuning changed, plus a reference to the base model (`model_format: delta`).
     Load with `dbbatch.models.load_pipeline(folder)`."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     names = ["unet"] + (["text_encoder"] if with_text_encoder else [])
-    for name in names:
-        module = getattr(model, name)
-        with cast_for_saving([module], dtype):
-            module.save_pretrained(tmp / name, safe_serialization=True)
-    (tmp / DELTA_FILE).write_text(json.dumps({"base_model": model.source, "base_model_identity": model.identity,
-                                             "components": names}, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
+
+    def write(tmp: Path) -> None:
+        for name in names:
+            module = getattr(model, name)
+            with cast_for_saving([module], dtype):
+                module.save_pretrained(tmp / name, safe_serialization=True)
+        (tmp / DELTA_FILE).write_text(json.dumps({"base_model": model.source, "base_model_identity": model.identity,
+                                                 "components": names}, indent=2))
+
+    return _write_model_folder(out_dir, write)
 
 
 def load_pipeline(folder: str, base_model: Optional[str] = None, cache_dir: Optional[Path] = None, storage: Any = None):

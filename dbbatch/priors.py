@@ -59,6 +59,16 @@ def ensure_priors(
     if stored_spec is None:
         storage.write_json(join(folder, "prior.json"), spec)
     existing = {url.rsplit("/", 1)[-1] for url in storage.list_files(folder)}
+    images: dict[int, Image.Image] = {}
+    for i in range(priors.num_images):
+        if image_name(i) in existing:
+            url = join(folder, image_name(i))
+            img, problem = _load_prior(storage.read_bytes(url), resolution)
+            if problem:
+                log.warning("%sclass image %s %s; regenerating it", label, url, problem)
+                existing.discard(image_name(i))
+            else:
+                images[i] = img
     todo = missing_indices(existing, priors.num_images)
     if todo:
         log.info("%sgenerating %d of %d class images for %r (cache %s)", label, len(todo), priors.num_images, class_prompt, key)
@@ -80,8 +90,25 @@ def ensure_priors(
                      priors.guidance_scale, priors.negative_prompt, priors.batch_size, on_image=store)
         if task:
             task.close()
-    images = []
-    for i in range(priors.num_images):
-        img = Image.open(io.BytesIO(storage.read_bytes(join(folder, image_name(i)))))
-        images.append(img.convert("RGB"))
-    return images, len(todo)
+    for i in todo:  # read back what was just stored: the same pixels a later run will read
+        url = join(folder, image_name(i))
+        img, problem = _load_prior(storage.read_bytes(url), resolution)
+        if problem:
+            raise StorageError(f"class image {url} {problem} right after it was stored; check the prior cache's storage")
+        images[i] = img
+    return [images[i] for i in range(priors.num_images)], len(todo)
+
+
+def _load_prior(data: bytes, resolution: int) -> tuple[Optional[Image.Image], Optional[str]]:
+    """(RGB image, None), or (None, what is wrong with it): a prior cache is shared and long-lived, so a
+    truncated upload, a file overwritten by hand or one of another size is found here, not by the stacking
+    of class images into one tensor."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # decodes fully: a truncated file fails here, not at open
+        img = img.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - any decoding failure means the file is unusable
+        return None, f"cannot be decoded ({type(e).__name__}{': ' + str(e).splitlines()[0][:80] if str(e) else ''})"
+    if img.size != (resolution, resolution):
+        return None, f"is {img.size[0]}x{img.size[1]}, not {resolution}x{resolution}"
+    return img, None

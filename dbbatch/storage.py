@@ -29,11 +29,13 @@ from typing import Any, Callable, Iterable, Optional, TypeVar
 import fsspec
 from fsspec.callbacks import Callback
 
+from dbbatch import faults
 from dbbatch.errors import StorageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+PARTIAL_RE = re.compile(r"^\..+\.[0-9a-f]{8}\.part$")  # the temporary name of _atomic_local and fetch
 IGNORED_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 SECRET_KEY_RE = re.compile(r"secret|password|passwd|token|credential|session|(^|_)key($|_)|access_key", re.I)
 USERINFO_RE = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ inside a URL
@@ -256,6 +258,7 @@ class Storage:
         # (storage_options.s3.max_concurrency, default 10; the client holds about two copies of each), not by
         # the file's size.
         self.part_bytes = part_bytes
+        quiet_orphaned_transfer_tasks()
 
     # -- plumbing ------------------------------------------------------------------------------------------
     def _fs(self, url: str) -> tuple[Any, str]:
@@ -387,11 +390,25 @@ class Storage:
         return sorted(FileInfo(name[len(root):], int(info.get("size") or 0), _version_of(info))
                       for name, info in found.items() if info.get("type") == "file" and name.startswith(root))
 
-    def fetch(self, url: str, local: Path) -> Path:
-        """Download one file to `local` (temp name, then rename); skipped when it is already there, which
-        only a finished download can be."""
-        if local.exists():
+    def info(self, url: str, what: str = "check") -> FileInfo:
+        """Size and version of one stored file (`rel` is its name); `what` names the operation in errors."""
+        fs, path = self._fs(url)
+        found = self._call(what, url, lambda: fs.info(path))
+        return FileInfo(url.rstrip("/").rsplit("/", 1)[-1], int(found.get("size") or 0), _version_of(found))
+
+    def fetch(self, url: str, local: Path, stored: Optional[FileInfo] = None) -> Path:
+        """Download one file to `local` (temp name, then rename). A local copy is reused only when it is a copy
+        of the stored object as it is now: same URL, size and version (ETag / generation / mtime), recorded
+        in a hidden `.<name>.stored` beside it when it was downloaded. A name alone proves nothing: after
+        `--force` or a repaired upload the stored file under that name is another one. `stored` is the
+        file's listing entry when the caller has it (saves a request)."""
+        stored = stored or self.info(url, "download")
+        record = local.with_name(f".{local.name}.stored")
+        identity = json.dumps({"url": redact(url), "size": stored.size, "version": stored.version})
+        if (local.is_file() and local.stat().st_size == stored.size and record.is_file()
+                and record.read_text(encoding="utf-8") == identity):
             return local
+        record.unlink(missing_ok=True)
         local.parent.mkdir(parents=True, exist_ok=True)
         fs, path = self._fs(url)
         tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.part")
@@ -408,6 +425,7 @@ class Storage:
             os.replace(tmp, local)
         finally:
             tmp.unlink(missing_ok=True)
+        record.write_text(identity, encoding="utf-8")
         return local
 
     def fetch_tree(self, url: str, local_dir: Path, files: Optional[list[FileInfo]] = None) -> Path:
@@ -417,7 +435,7 @@ class Storage:
         if not files:
             raise StorageError(f"cannot download {redact(url)}: no files there; check the path")
         for f in files:
-            self.fetch(join(url, f.rel), local_dir / f.rel)
+            self.fetch(join(url, f.rel), local_dir / f.rel, f)
         return local_dir
 
     # -- writing -------------------------------------------------------------------------------------------
@@ -517,6 +535,24 @@ class Storage:
                     "this S3-compatible store cannot hold a lease")
         return None
 
+    def remove_partials(self, url: str) -> list[str]:
+        """Delete the temporary files (`.<name>.<hex>.part`) that a killed writer left below the folder `url`.
+
+        Local writes go to such a file beside their destination and are renamed when complete, which keeps a
+        reader from ever seeing half a file; a SIGKILL in between leaves the temporary behind. They stay beside
+        the destination (a rename is atomic only within one file system, and the output may span several
+        mounts), and are swept here instead, just before a subject's _SUCCESS: then no write of that subject is
+        in flight, since one worker at a time works on a subject. Object stores make a PUT visible only when
+        complete and leave nothing to sweep (an interrupted multipart upload is invisible; a bucket lifecycle
+        rule AbortIncompleteMultipartUpload reclaims its parts)."""
+        if is_remote(url):
+            return []
+        stale = [join(url, f.rel) for f in self.list_tree(url) if PARTIAL_RE.match(f.rel.rsplit("/", 1)[-1])]
+        for u in stale:
+            log.info("removing %s, the partial file of an interrupted write", u)
+            self.remove(u)
+        return stale
+
     def check_writable(self, url: str) -> None:
         """Write and delete a probe object under `url`, so a bad output location fails before any training."""
         probe = join(url, f"_dbbatch_write_probe_{uuid.uuid4().hex[:8]}")
@@ -526,6 +562,33 @@ class Storage:
         else:
             self._call("write to", url, lambda: _atomic_local_write(Path(path), b"probe"))
         self._call("delete a probe file in", url, lambda: fs.rm_file(path))
+
+
+class _OrphanedTransferTaskFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" report when the task died of a transient storage
+    error (a reset or refused connection, a timeout). s3fs sends requests through aiobotocore and aiohttp on
+    fsspec's event loop; aiohttp writes a request body in a task of its own (`ClientRequest.write_bytes`), and
+    when a connection dies during an upload that task can fail after the request already failed, with nobody
+    awaiting it. asyncio then prints its traceback when the task is collected, after `Storage._call` already
+    retried the whole operation and said so in one line. (Not reproduced with the pinned aiohttp 3.14, which
+    marks its upload futures retrieved; the filter keeps older and newer stacks quiet.) An orphaned task's
+    error of any other kind still gets through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or not record.getMessage().startswith("Task exception was never retrieved"):
+            return True
+        if _kind(exc) != "transient":
+            return True
+        log.debug("an orphaned storage request task failed with %s (already retried): %s", type(exc).__name__, _first_line(exc))
+        return False
+
+
+def quiet_orphaned_transfer_tasks() -> None:
+    """Install the filter above on asyncio's logger (once)."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OrphanedTransferTaskFilter) for f in logger.filters):
+        logger.addFilter(_OrphanedTransferTaskFilter())
 
 
 def _version_of(info: dict[str, Any]) -> str:
@@ -550,6 +613,7 @@ def _atomic_local(dest: Path, fill: Callable[[Any], None]) -> None:
         with open(tmp, "wb") as fh:
             fill(fh)
             fh.flush()
+            faults.on_upload(dest)
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
     finally:

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FORMAT = 2  # 2: per-sample noise keys replace the saved noise generator
+CHECKPOINT_FORMAT = 3  # 2: per-sample noise keys replace the saved noise generator; 3: a fingerprint (fingerprints.py)
 
 
 def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int, prior_loss_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -333,11 +333,15 @@ def precision_of(mixed_precision: str) -> str:
 
 
 def _quiet_lightning() -> None:
-    """Lightning's INFO banners and a few known-harmless warnings are noise in a batch log (also run in DDP ranks)."""
+    """Lightning's INFO banners ("GPU available: ...", "TPU available: ...", the "Tip: ... litlogger" advert) and a
+    few known-harmless warnings are noise in a batch log (also run in DDP ranks). Importing pytorch_lightning
+    sets its logger to INFO, whatever the CLI set before, and the banners come from Trainer(): so this runs
+    after the import and before the Trainer is made."""
     import warnings
 
     if not logging.getLogger("dbbatch").isEnabledFor(logging.DEBUG):
-        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+        for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     for message in (".*does not have many workers.*", ".*is smaller than the logging interval.*",
                     ".*exists and is not empty.*", ".*LeafSpec.*", ".*set_vital.*"):
         warnings.filterwarnings("ignore", message)
@@ -380,6 +384,7 @@ def fit(module: DreamBoothModule, loader: Any, train: Any, checkpointer: Any, lo
     elif progress is not None:
         callbacks.append(_ProgressCallback(progress))
     pl.seed_everything(train.seed, workers=True, verbose=False)  # global RNGs too, so runs are reproducible
+    _quiet_lightning()
     trainer = pl.Trainer(
         accelerator="auto", devices=train.devices, strategy=strategy, max_steps=train.max_steps, max_epochs=-1,
         precision=precision_of(train.mixed_precision), accumulate_grad_batches=train.gradient_accumulation,

@@ -8,6 +8,7 @@ are not made again. `_SUCCESS` is always written last. One subject failing never
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -222,6 +223,7 @@ class Batch:
             if not isinstance(e, DbbatchError):
                 message = f"{type(e).__name__}: {message}{_advice(e)}"
             log.error("%s: failed: %s", subject.id, message)
+            drop_scratch_copies(SubjectRun.scratch(self, subject))
             if self.opts.debug or not isinstance(e, DbbatchError):
                 log.debug("".join(traceback.format_exception(e)))
             return SubjectResult(subject.id, "failed", out, seconds=time.monotonic() - started,
@@ -249,9 +251,14 @@ class SubjectRun:
     def __init__(self, batch: Batch, subject: Subject, out: str, lease: Optional[Lease] = None):
         self.b, self.s, self.out, self.lease = batch, subject, out, lease
         self.storage = batch.storage
-        self.work = batch.scratch / "subjects" / subject.id
+        self.work = self.scratch(batch, subject)
         self.seconds: dict[str, float] = {}
         self.label = f"{subject.id} "
+
+    @staticmethod
+    def scratch(batch: Batch, subject: Subject) -> Path:
+        """The subject's folder in this worker's scratch (removed with it when the batch ends)."""
+        return batch.scratch / "subjects" / subject.id
 
     def holds_lease(self, what: str) -> None:
         """Before any write to the subject's outputs: the lease is still ours (no I/O)."""
@@ -276,6 +283,8 @@ class SubjectRun:
             raise InputError(f"subject {self.s.id}: resolution {res} is not a multiple of the model's scale factor {model.vae_scale_factor}")
         self.resolution = res
         stage = self.storage.read_json(join(self.out, STAGE)) or {}
+        if stage.get("stage") == "trained" and not self.stored_model_matches(stage):
+            stage = {}
 
         if stage.get("stage") == "trained":  # the photos are not needed again: no download
             log.info("%s: fine-tuned model already stored; loading it instead of training", self.s.id)
@@ -297,7 +306,9 @@ class SubjectRun:
             t = time.monotonic()
             self.publish_model()
             self.confirm_lease(f"writing {STAGE}")
-            self.storage.write_json(join(self.out, STAGE), {"stage": "trained", "train": train_metrics})
+            self.storage.write_json(join(self.out, STAGE), {"stage": "trained", "train": train_metrics,
+                                                            "fingerprint": self.fingerprint(stage=True),
+                                                            "instance_listing": self.photo_listing()})
             self._timed("publish", t)
         t = time.monotonic()
         self.samples()
@@ -308,16 +319,37 @@ class SubjectRun:
         return metrics
 
     # -- stages ---------------------------------------------------------------------------------------------------
-    def load_instance_images(self) -> list[Any]:
-        from dbbatch.images import decode_all, no_images_message, pick_image_files
+    def photo_files(self, warn: bool = False) -> list[str]:
+        from dbbatch.images import no_images_message, pick_image_files
 
         files, skipped = pick_image_files(self.storage.expand(self.s.images), self.s.images)
-        for url in skipped:
+        for url in skipped if warn else ():
             log.warning("%s: skipping %s: not an image file name", self.s.id, url)
         if not files:
             raise ImageError(no_images_message(self.s.images))
-        data = ((u, self._read_photo(u)) for u in files)  # one file's bytes in memory at a time
+        return files
+
+    def photo_listing(self) -> str:
+        """Digest of the photos' names, sizes and versions: tells an unchanged photo set without a download."""
+        from dbbatch.storage import FileInfo, listing_digest
+
+        return listing_digest(FileInfo(u, i.size, i.version) for u in self.photo_files() for i in [self.storage.info(u)])
+
+    def load_instance_images(self) -> list[Any]:
+        from dbbatch.fingerprints import images_digest
+        from dbbatch.images import decode_all
+
+        files = self.photo_files(warn=True)
+        sums: list[bytes] = []
+
+        def read(url: str) -> bytes:
+            data = self._read_photo(url)
+            sums.append(hashlib.sha256(data).digest())
+            return data
+
+        data = ((u, read(u)) for u in files)  # one file's bytes in memory at a time
         images, notes = decode_all(data, self.resolution)
+        self.images_digest = images_digest(sums)
         for n in notes:
             log.warning("%s: %s", self.s.id, n)
         log.info("%s: %d instance image(s)", self.s.id, len(images))
@@ -330,6 +362,49 @@ class SubjectRun:
             if isinstance(e.__cause__, FileNotFoundError):  # a photo the manifest names is missing: bad input
                 raise ImageError(str(e)) from e
             raise
+
+    def fingerprint(self, stage: bool = False) -> dict[str, Any]:
+        """What a checkpoint (or, with `stage`, the stored model) must match to count as this run's."""
+        from dbbatch.checkpoints import RESUME_SETTINGS
+        from dbbatch.fingerprints import stage_fingerprint, subject_fingerprint
+
+        identity = self.b.model.identity
+        if stage:
+            return stage_fingerprint(self.s, self.resolution, identity, self.images_digest, self.b.manifest.output_dtype,
+                                     self.b.manifest.model_format)
+        return subject_fingerprint(self.s, self.resolution, identity, self.images_digest, RESUME_SETTINGS)
+
+    def stored_model_matches(self, stage: dict[str, Any]) -> bool:
+        """Whether the stored model was trained with this run's photos and settings. If not, say what changed
+        and remove it (and the samples made from it), so the subject is trained again, never republished
+        under a config.yaml that did not make it. The photos are read only when their listing changed."""
+        from dbbatch.fingerprints import changes
+
+        recorded = stage.get("fingerprint")
+        if recorded is None:
+            changed = ["its settings were not recorded (an older dbbatch stored it)"]
+        else:
+            try:
+                listing = self.photo_listing()
+            except (ImageError, StorageError) as e:  # photos removed once the model was stored: nothing to compare
+                if isinstance(e, StorageError) and not isinstance(e.__cause__, FileNotFoundError):
+                    raise
+                log.warning("%s: cannot check the stored model against the photos (%s); comparing its settings only",
+                            self.s.id, e)
+                listing = stage.get("instance_listing")
+            if stage.get("instance_listing") == listing:
+                self.images_digest = recorded.get("instance_images")
+            else:
+                self.load_instance_images()
+            changed = changes(recorded, self.fingerprint(stage=True))
+        if not changed:
+            return True
+        log.warning("%s: the stored model was trained with other settings: %s; training again (its model/ and "
+                    "samples/ are removed)", self.s.id, ", ".join(changed))
+        self.confirm_lease("removing the outdated model")
+        for name in (STAGE, "model", "samples"):
+            self.storage.remove(join(self.out, name), recursive=name != STAGE)
+        return False
 
     def class_latents(self) -> Any:
         from dbbatch.images import to_tensor
@@ -350,7 +425,7 @@ class SubjectRun:
         return self.b._class_latents[key]
 
     def train(self, instance_images: list[Any], klass: Any) -> dict[str, Any]:
-        from dbbatch.checkpoints import StoreCheckpoints, latest, read_meta, resume_warnings
+        from dbbatch.checkpoints import StoreCheckpoints, pick_resume
         from dbbatch.images import to_tensor
         from dbbatch.sampling import encode_prompts
         from dbbatch.training import DreamBoothModule, LatentPairs, TextInputs, fit, latent_stats, make_loader
@@ -374,23 +449,19 @@ class SubjectRun:
         model.unet.requires_grad_(True).train()
         if cfg.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
-        meta = {"base_model": model.identity, "subject": self.s.id, "train": cfg.model_dump()}
+        fingerprint = self.fingerprint()
+        meta = {"base_model": model.identity, "subject": self.s.id, "train": cfg.model_dump(), "fingerprint": fingerprint}
         module = DreamBoothModule(model.unet, model.text_encoder if cfg.train_text_encoder else None, text, cfg,
                                   model.scheduler_config, model.vae.config.scaling_factor, meta)
         loader = make_loader(LatentPairs(instance, klass), cfg.batch_size, cfg.seed)
 
         ckpt_remote = join(self.out, "checkpoints")
-        resume_url = latest(self.storage.list_files(ckpt_remote))
-        resume_path, resumed_from = None, None
-        if resume_url is not None:
-            local = self.storage.fetch(resume_url, self.work / "resume" / resume_url.rsplit("/", 1)[-1])
-            for note in resume_warnings(read_meta(local, resume_url), model.identity, cfg, self.s.id):
-                log.warning(note)
-            resume_path = str(local)
-            from dbbatch.checkpoints import step_of
-
-            resumed_from = step_of(resume_url)
-            log.info("%s: resuming from %s", self.s.id, resume_url)
+        self.confirm_lease("choosing a checkpoint (unusable ones are removed)")
+        resume = pick_resume(self.storage, ckpt_remote, self.work / "resume", fingerprint, cfg, self.s.id)
+        resume_path = str(resume.local) if resume else None
+        resumed_from = resume.step if resume else None
+        if resume is not None:
+            log.info("%s: resuming from %s", self.s.id, resume.url)
         checkpointer = StoreCheckpoints(self.storage, ckpt_remote, self.work / "checkpoints", cfg.checkpoint_every,
                                         cfg.checkpoints_keep, cfg.max_steps, guard=self.lease.check if self.lease else None)
         task = self.b.reporter.start(f"{self.label}train", total=cfg.max_steps, unit="step") if self.b.reporter else None
@@ -505,12 +576,25 @@ class SubjectRun:
                    "device": str(self.b.device), "resolution": self.resolution}
         self.storage.write_json(join(self.out, "metrics.json"), metrics)
         self.confirm_lease(f"writing {SUCCESS}")
+        self.storage.remove_partials(self.out)  # left by a killed earlier attempt; see Storage.remove_partials
         self.storage.write_text(join(self.out, SUCCESS), f"{self.b.opts.run_id}\n")
+        faults.on_publish("success")
         # Done: resume state is dead weight now (for SD 1.5 several GB per subject), local scratch too.
         self.confirm_lease("deleting checkpoints")
         self.storage.remove(join(self.out, "checkpoints"), recursive=True)
         shutil.rmtree(self.work, ignore_errors=True)
         return metrics
+
+
+SCRATCH_COPIES = ("resume", "checkpoints", "trained", "model", "model.tmp")
+
+
+def drop_scratch_copies(work: Path) -> None:
+    """After a subject failed: drop its scratch files that are copies of stored files or are useless to a
+    rerun (checkpoint copies, the model written for upload), so a rerun on the same small disk has the room
+    this attempt had. The TensorBoard logs stay: they are uploaded only when the subject is done."""
+    for name in SCRATCH_COPIES:
+        shutil.rmtree(work / name, ignore_errors=True)
 
 
 def _advice(e: BaseException) -> str:

@@ -1,6 +1,7 @@
 """Print the hostile-input corpus as "case -> line": every bad input and the exact line dbbatch prints for it.
 
-Runs tests/test_hostile_inputs.py (about a minute); the lines are the ones the tests observed and asserted.
+Runs tests/test_hostile_inputs.py and tests/test_healing.py (a few minutes); the lines are the ones the tests
+observed and asserted.
 Usage: python scripts/hostile_corpus.py [extra pytest args]
 """
 
@@ -18,7 +19,8 @@ def main() -> int:
         corpus = Path(tmp) / "corpus.txt"
         env = {**os.environ, "HOSTILE_CORPUS": str(corpus)}
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               str(REPO / "tests" / "test_hostile_inputs.py"), *sys.argv[1:]],
+                               str(REPO / "tests" / "test_hostile_inputs.py"), str(REPO / "tests" / "test_healing.py"),
+                               *sys.argv[1:]],
                               cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-2000:])

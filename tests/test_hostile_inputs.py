@@ -369,6 +369,42 @@ def test_read_only_output_fails_in_validate_and_before_training(tmp_path: Path):
         (tmp_path / "out").chmod(0o755)
 
 
+def test_read_only_prior_cache_fails_before_training_with_exit_3(tmp_path: Path):
+    draw_subject(tmp_path / "imgs", n=2, size=40)
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc(prior_cache="cache")))
+    (tmp_path / "cache").mkdir(mode=0o555)
+    (tmp_path / "cache").chmod(0o555)
+    env = cli_env(DBBATCH_WORK_DIR=str(tmp_path / "work"))
+    line = (f"prior_cache: {tmp_path}/cache is not writable (Permission denied); grant write access to it or choose "
+            "another prior_cache")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dbbatch", "run", "m.yaml"], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=300,
+                              preexec_fn=_without_root_file_access if os.geteuid() == 0 else None)
+    finally:
+        (tmp_path / "cache").chmod(0o755)
+    errors, _ = parse_log(proc.stderr)
+    assert (proc.returncode, errors) == (3, [line]), proc.stderr
+    assert not (tmp_path / "work" / "cache").exists(), "run loaded the model before finding the prior cache unwritable"
+    record("storage/read-only-prior-cache (run, exit 3)", line.replace(str(tmp_path), "<dir>"))
+
+
+def test_every_attempted_subject_failing_for_bad_input_exits_2_even_beside_a_done_one(tmp_path: Path):
+    draw_subject(tmp_path / "imgs", n=2, size=40)
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    small = {"resolution": 32, "train": {"max_steps": 1, "with_prior_preservation": False}, "priors": {"num_images": 0},
+             "samples": {"seeds": [0], "steps": 1, "include_class_prompt": False}}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc(subject("good"), subject("bad", images=["zero.jpg"]), defaults=small)))
+    env = cli_env(DBBATCH_WORK_DIR=str(tmp_path / "work"))
+    first = run_cli("run", "m.yaml", env=env, cwd=tmp_path)
+    assert first.returncode == 1, first.stderr  # one succeeded, one failed: retrying may help
+    again = run_cli("run", "m.yaml", env=env, cwd=tmp_path)
+    errors, _ = parse_log(again.stderr)
+    line = f"bad: failed: {tmp_path}/zero.jpg: the file is empty (0 bytes); re-upload the photo"
+    assert (again.returncode, errors) == (2, [line, "1 of 2 subject(s) failed"]), again.stderr
+    record("run/bad-input beside a done subject (exit 2)", line.replace(str(tmp_path), "<dir>"))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Images and runtime faults: one `dbbatch run` with a subject per bad input, and good subjects that must finish
 
@@ -450,9 +486,11 @@ RUN_CASES = [
             "disk-full: failed: cannot write checkpoint step-0000002.ckpt in {scratch}/subjects/disk-full/checkpoints (No "
             "space left on device); checkpoints already stored in {dir}/out/disk-full/checkpoints are intact: free "
             "space in the work dir (--work-dir) and rerun to resume", train={"max_steps": 3, "checkpoint_every": 1}),
-    RunCase("pickled-checkpoint", "plain/", "CheckpointError",
-            "pickled-checkpoint: failed: checkpoint {dir}/out/pickled-checkpoint/checkpoints/step-0000001.ckpt cannot "
-            "be read (UnpicklingError); delete it to start over"),
+    RunCase("disk-full-model", "plain/", "StorageError",
+            "disk-full-model: failed: cannot write the fine-tuned model to {work}/subjects/disk-full-model/model.tmp: no "
+            "space left on device; free space in the work dir or pass a larger one with --work-dir (or "
+            "$DBBATCH_WORK_DIR), then rerun"),
+    RunCase("pickled-checkpoint", "plain/", None, None),  # reported, removed, trained from step 0: see its test
     RunCase("good", "good/", None, None),
 ]
 RUN_CASES[0].validate_line = "m.yaml: subjects[0].images: {dir}/imgs/zero.jpg: the file is empty (0 bytes); re-upload the photo"
@@ -499,7 +537,8 @@ def batch(tmp_path_factory) -> Batch:
     work = d / "work"
     # OMP_NUM_THREADS=1: on a busy 2-core CI machine torch's second intra-op thread spin-waits for a core and
     # this run takes 80 s instead of 7 s (measured); a tiny model gains nothing from it anyway.
-    env = cli_env(DBBATCH_WORK_DIR=str(work), DBBATCH_FAULTS="fail_train=out-of-memory;disk_full_checkpoint=2",
+    env = cli_env(DBBATCH_WORK_DIR=str(work),
+                  DBBATCH_FAULTS="fail_train=out-of-memory;disk_full_checkpoint=2;disk_full_model=disk-full-model",
                   OMP_NUM_THREADS="1", AWS_ACCESS_KEY_ID="AKIAPLANTED", **SECRETS)
     proc = run_cli("run", "m.yaml", "--report", "report.json", env=env, cwd=d)
     errors, warns = parse_log(proc.stderr)
@@ -562,6 +601,24 @@ def test_report_lists_every_subject_with_status_class_and_message(batch: Batch):
         assert s["status"] == ("failed" if c.error_class else "succeeded")
         assert s["error_class"] == c.error_class
         assert (s["message"] is None) == (c.error_class is None)
+
+
+def test_unreadable_checkpoint_is_reported_removed_and_training_restarts(batch: Batch):
+    ckpts = batch.dir / "out" / "pickled-checkpoint" / "checkpoints"
+    expected = [f"pickled-checkpoint: checkpoint {ckpts}/step-0000001.ckpt cannot be read (UnpicklingError); removing it "
+                "and trying the next older checkpoint",
+                f"pickled-checkpoint: no readable checkpoint left in {ckpts}; training restarts from step 0"]
+    assert [w for w in batch.warnings if w.startswith("pickled-checkpoint: ")] == expected
+    metrics = json.loads((batch.dir / "out" / "pickled-checkpoint" / "metrics.json").read_text())
+    assert (metrics["resumed_from_step"], metrics["steps"]) == (None, 2)
+    for line in expected:
+        record("run/pickled-checkpoint (subject succeeded, warning)", line.replace(str(batch.dir), "<dir>"))
+
+
+def test_full_disk_while_writing_the_model_leaves_no_temporary_folder(batch: Batch):
+    scratch = batch.work / "subjects" / "disk-full-model"
+    assert not (scratch / "model.tmp").exists()
+    assert not (scratch / "checkpoints").exists() and not (scratch / "model").exists()
 
 
 def test_nothing_from_storage_is_unpickled(batch: Batch):

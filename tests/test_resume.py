@@ -141,7 +141,7 @@ def test_checkpoint_holds_only_trainable_weights(tmp_path: Path):
         assert 2.5 * trainable < ckpt_path.stat().st_size < 3.3 * trainable
 
 
-def test_resume_warns_on_changed_settings_and_refuses_another_base_model(tmp_path: Path, tiny_model_dir: Path):
+def test_resume_warns_on_changed_settings_and_restarts_for_another_base_model(tmp_path: Path, tiny_model_dir: Path):
     m = _manifest(tmp_path, "changed")
     proc, _ = _start_paused(m, tmp_path / "pod1", 5)
     proc.kill()
@@ -157,10 +157,14 @@ def test_resume_warns_on_changed_settings_and_refuses_another_base_model(tmp_pat
     proc.wait()
     text = other.read_text().replace("builtin:tiny-sd", str(tiny_model_dir))
     other.write_text(text)
-    refused = run_cli("run", str(other), env=cli_env(DBBATCH_WORK_DIR=str(tmp_path / "pod4")))
-    assert refused.returncode == 1
-    assert f"stored checkpoint was trained from base model 'builtin:tiny-sd:v{BUILTIN_VERSION}:seed1234'" in refused.stderr
-    assert "Traceback" not in refused.stderr
+    restarted = run_cli("run", str(other), env=cli_env(DBBATCH_WORK_DIR=str(tmp_path / "pod4")))
+    assert restarted.returncode == 0, restarted.stderr
+    ckpt = tmp_path / "other" / "rex" / "checkpoints" / "step-0000004.ckpt"
+    assert (f"rex: not resuming checkpoint {ckpt}: changed since it was written: base_model "
+            f"(builtin:tiny-sd:v{BUILTIN_VERSION}:seed1234 -> ") in restarted.stderr
+    assert "training restarts from step 0" in restarted.stderr and "resuming from" not in restarted.stderr
+    assert json.loads((tmp_path / "other" / "rex" / "metrics.json").read_text())["resumed_from_step"] is None
+    assert "Traceback" not in restarted.stderr
 
 
 def test_killed_pod_resumes_from_the_bucket(tmp_path: Path, s3, uninterrupted):

@@ -57,16 +57,18 @@ def test_local_writes_are_atomic(tmp_path: Path):
     assert sorted(p.name for p in dest.parent.iterdir()) == ["metrics.json"], "no temporary file left behind"
 
 
-def test_fetch_skips_a_finished_download(tmp_path: Path, mem: str):
+def test_fetch_skips_a_finished_download_of_the_same_stored_file(tmp_path: Path, mem: str):
     storage = Storage()
     storage.write_bytes(f"{mem}/ckpt/step-3.ckpt", b"v1")
     local = tmp_path / "dl" / "step-3.ckpt"
     assert storage.fetch(f"{mem}/ckpt/step-3.ckpt", local).read_bytes() == b"v1"
-    storage.write_bytes(f"{mem}/ckpt/step-3.ckpt", b"v2")
-    assert storage.fetch(f"{mem}/ckpt/step-3.ckpt", local).read_bytes() == b"v1"
+    first = local.stat().st_mtime_ns
+    assert storage.fetch(f"{mem}/ckpt/step-3.ckpt", local).stat().st_mtime_ns == first  # not downloaded again
+    storage.write_bytes(f"{mem}/ckpt/step-3.ckpt", b"v2")  # another object under the same name
+    assert storage.fetch(f"{mem}/ckpt/step-3.ckpt", local).read_bytes() == b"v2"
     with pytest.raises(StorageError, match=rf"cannot download {mem}/ckpt/nope: no such file"):
         storage.fetch(f"{mem}/ckpt/nope", tmp_path / "dl" / "nope")
-    assert sorted(p.name for p in local.parent.iterdir()) == ["step-3.ckpt"], "no partial file left behind"
+    assert sorted(p.name for p in local.parent.iterdir()) == [".step-3.ckpt.stored", "step-3.ckpt"], "no partial file left behind"
 
 
 @pytest.mark.parametrize("scheme", ["memory", "file"])
@@ -209,3 +211,55 @@ def test_check_writable(tmp_path: Path, mem: str):
     (tmp_path / "file").write_text("x")
     with pytest.raises(StorageError, match=f"cannot write to {tmp_path}/file/out: "):
         storage.check_writable(str(tmp_path / "file" / "out"))
+
+
+def _orphan_task_records(error: BaseException, caplog) -> list[str]:
+    """Run a task on a real event loop that fails with `error` and is never awaited; collect what asyncio logs."""
+    import asyncio
+    import gc
+
+    async def request() -> None:
+        raise error
+
+    async def main() -> None:
+        asyncio.get_running_loop().create_task(request())  # never awaited: what a failed transfer can leave
+        await asyncio.sleep(0.01)
+
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(main())
+        gc.collect()
+    return [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+
+
+def test_orphaned_transfer_task_traceback_is_dropped_but_other_task_errors_are_not(caplog):
+    from botocore.exceptions import EndpointConnectionError
+
+    logger = logging.getLogger("asyncio")
+    saved = logger.filters[:]
+    logger.filters[:] = [f for f in saved if type(f).__name__ != "_OrphanedTransferTaskFilter"]
+    try:
+        reset = EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/k")
+        before = _orphan_task_records(reset, caplog)
+        assert before and before[0].startswith("Task exception was never retrieved")  # the chatter, unfiltered
+        Storage()  # a Storage in the process installs the filter
+        assert _orphan_task_records(reset, caplog) == []
+        other = _orphan_task_records(ValueError("a bug in a task"), caplog)
+        assert other and other[0].startswith("Task exception was never retrieved")
+    finally:
+        logger.filters[:] = saved
+
+
+def test_a_local_copy_is_reused_only_while_it_matches_the_stored_file(tmp_path: Path):
+    """A repaired (or --force-rewritten) stored file of the same name and size is fetched again."""
+    import os
+
+    storage = Storage()
+    stored, local = tmp_path / "out" / "step-0000004.ckpt", tmp_path / "work" / "step-0000004.ckpt"
+    storage.write_bytes(str(stored), b"broken!!")
+    assert storage.fetch(str(stored), local).read_bytes() == b"broken!!"
+    mtime = local.stat().st_mtime_ns
+    assert storage.fetch(str(stored), local).stat().st_mtime_ns == mtime  # unchanged: the copy is reused
+    storage.write_bytes(str(stored), b"repaired")  # same name, same size
+    os.utime(stored, ns=(stored.stat().st_atime_ns, stored.stat().st_mtime_ns + 1_000_000))  # a coarse-mtime disk
+    assert storage.fetch(str(stored), local).read_bytes() == b"repaired"

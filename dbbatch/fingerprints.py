@@ -1,0 +1,65 @@
+"""What decides a subject's result, as a flat dict that checkpoints and `_stage.json` record (pure functions).
+
+Resume and the `trained` stage compare the recorded fingerprint with the one of this run and name every
+entry that differs: resuming a checkpoint trained on other photos, at another resolution or from another base
+model would silently mix two trainings, and republishing a stored model under a config.yaml that did not make
+it would lie. Settings that may change between attempts (RESUME_SETTINGS in checkpoints.py: the learning rate,
+the batch size, max_steps...) are not in the checkpoint fingerprint; they are in the stage fingerprint, since
+the stored model was trained with them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterable
+
+# Training settings that do not change the result (where and how often state is saved, memory trade-offs),
+# so changing them neither restarts training nor retrains a stored model.
+NEUTRAL_TRAIN = ("checkpoint_every", "checkpoints_keep", "devices", "gradient_checkpointing")
+
+
+def images_digest(contents: Iterable[bytes]) -> str:
+    """Digest of the instance photos' bytes, in the order training sees them (the order picks the data order)."""
+    h = hashlib.sha256()
+    for data in contents:
+        h.update(hashlib.sha256(data).digest())
+    return h.hexdigest()[:16]
+
+
+def subject_fingerprint(subject: Any, resolution: int, model_identity: str, instance_images: str,
+                        resumable: Iterable[str]) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: every input and setting except those in `resumable` (their
+    change is reported and the resume goes on) and NEUTRAL_TRAIN."""
+    skip = set(resumable) | set(NEUTRAL_TRAIN)
+    fp: dict[str, Any] = {"subject": subject.id, "base_model": model_identity, "resolution": resolution,
+                          "instance_images": instance_images, "instance_prompt": subject.instance_prompt}
+    train = subject.train.model_dump(mode="json")
+    if train["with_prior_preservation"]:
+        fp["class_prompt"] = subject.class_prompt
+        fp.update({f"priors.{k}": v for k, v in subject.priors.model_dump(mode="json").items() if k != "batch_size"})
+    fp.update({f"train.{k}": v for k, v in train.items() if k not in skip})
+    return fp
+
+
+def stage_fingerprint(subject: Any, resolution: int, model_identity: str, instance_images: str,
+                      output_dtype: str, model_format: str) -> dict[str, Any]:
+    """What a stored model (the `trained` stage) must match to be published as this run's result: the
+    checkpoint fingerprint plus every setting that may change between attempts, and how it is stored."""
+    fp = subject_fingerprint(subject, resolution, model_identity, instance_images, resumable=())
+    fp.update(output_dtype=output_dtype, model_format=model_format)
+    return fp
+
+
+def changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'key (old -> new)' for every entry that differs, in key order; empty when they match."""
+    out = []
+    for key in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(key, "unset"), current.get(key, "unset")
+        if old != new:
+            out.append(f"{key} ({_short(old)} -> {_short(new)})")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
