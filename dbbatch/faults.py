@@ -54,14 +54,7 @@ def on_train_step(step: int) -> None:
 
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (simulated by DBBATCH_FAULTS)")
     if "pause_at_step" in f and int(f["pause_at_step"]) == step:
-        from dbbatch import signals
-
-        marker = os.environ.get("DBBATCH_FAULT_MARKER")
-        if marker:
-            Path(marker).write_text(str(step))
-        deadline = time.monotonic() + 300
-        while not signals.requested() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _pause(str(step))
 
 
 def on_checkpoint_write(path: Path) -> None:
@@ -89,29 +82,26 @@ def on_upload(dest: Path) -> None:
     f = _faults()
     if not f or f.get("pause_at_upload") != dest.name:
         return
-    from dbbatch import signals
-
-    marker = os.environ.get("DBBATCH_FAULT_MARKER")
-    if marker:
-        Path(marker).write_text(str(dest))
-    deadline = time.monotonic() + 300
-    while not signals.requested() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _pause(str(dest))
 
 
 def on_publish(point: str) -> None:
     """A named moment of publishing a subject's outputs. Points: 'config' (the model, _stage.json, samples
     and logs are stored; config.yaml, metrics.json and _SUCCESS are not), 'success' (_SUCCESS is written; the
     stored checkpoints and the local scratch folder are not removed yet)."""
-    if _faults().get("pause_at_publish") != point:
+    if _faults().get("pause_at_publish") != point or not os.environ.get("DBBATCH_FAULT_MARKER"):
         return
+    _pause(point, go_on=Path(os.environ["DBBATCH_FAULT_MARKER"] + ".continue"))
+
+
+def _pause(what: str, go_on: Optional[Path] = None) -> None:
+    """Write `what` to $DBBATCH_FAULT_MARKER, then wait (at most 300 s) until SIGTERM/SIGINT arrives or the file
+    `go_on` exists: the test that set the fault acts meanwhile (kills the process, cuts the storage, ...)."""
     from dbbatch import signals
 
     marker = os.environ.get("DBBATCH_FAULT_MARKER")
-    if not marker:
-        return
-    Path(marker).write_text(point)
-    go_on = Path(marker + ".continue")
+    if marker:
+        Path(marker).write_text(what)
     deadline = time.monotonic() + 300
-    while not go_on.exists() and not signals.requested() and time.monotonic() < deadline:
+    while not signals.requested() and not (go_on is not None and go_on.exists()) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -117,8 +117,8 @@ def test_stale_local_checkpoint_is_not_used(tmp_path: Path, reference):
     work = tmp_path / "work"
     old = _manifest(tmp_path, "out", learning_rate=2e-4)
     _kill_at_step(old, work, 5)  # stores step 4 (lr 2e-4)
-    _kill_at_step(old, work, 5)  # resumes it: its local copy now lies in work/subjects/rex/resume/
-    assert (work / "subjects" / "rex" / "resume" / "step-0000004.ckpt").is_file()
+    _kill_at_step(old, work, 5)  # resumes it: its local copy now lies in the killed worker's scratch
+    assert list(work.glob("scratch/*/subjects/rex/resume/step-0000004.ckpt"))
     new = _manifest(tmp_path, "out")
     _kill_at_step(new, work, 5, "--force")  # a fresh step 4 (lr 1e-4) under the same name
     rerun = _run(new, work)
@@ -263,14 +263,13 @@ def test_full_disk_while_writing_the_model_is_one_line_and_leaves_no_scratch_cop
     m = _manifest(tmp_path, "out", max_steps=6, checkpoint_every=3)
     failed = _run(m, work, DBBATCH_FAULTS="disk_full_model=rex")
     assert failed.returncode == 1, failed.stderr
-    scratch = work / "subjects" / "rex"
+    report = json.loads(next((tmp_path / "out" / "_runs").glob("*.json")).read_text())
+    scratch = Path(report["scratch"]) / "subjects" / "rex"  # this worker's scratch, removed when its batch ended
     line = (f"rex: failed: cannot write the fine-tuned model to {scratch / 'model.tmp'}: no space left on device; free "
             "space in the work dir or pass a larger one with --work-dir (or $DBBATCH_WORK_DIR), then rerun")
     assert [e.split(" ERROR ", 1)[1] for e in failed.stderr.splitlines() if " ERROR " in e][0] == line
     assert "Traceback" not in failed.stderr and "SafetensorError" not in failed.stderr
-    assert not (scratch / "model.tmp").exists()
-    left = sorted(p.relative_to(scratch).as_posix() for p in scratch.rglob("*") if p.is_file())
-    assert not [p for p in left if not p.startswith("logs/")], left  # checkpoint copies gone; logs are not stored yet
+    assert not list(work.rglob("model.tmp")) and not list(work.rglob("*.ckpt")), "no scratch copies stay behind"
     again = _run(m, work)
     assert again.returncode == 0, again.stderr
     assert _metrics(tmp_path / "out")["resumed_from_step"] == 3
@@ -294,11 +293,11 @@ def test_scratch_is_removed_when_the_subject_is_skipped_as_done(tmp_path: Path):
     proc, _ = _start(m, tmp_path / "work", "pause_at_publish=success")  # killed right after _SUCCESS
     proc.kill()
     proc.wait()
-    assert (tmp_path / "out" / "rex" / "_SUCCESS").is_file() and (tmp_path / "work" / "subjects" / "rex").is_dir()
+    assert (tmp_path / "out" / "rex" / "_SUCCESS").is_file() and list((tmp_path / "work").glob("scratch/*/subjects/rex"))
     again = _run(m, tmp_path / "work")
     assert again.returncode == 0, again.stderr
     assert "rex: already done" in again.stderr
-    assert not (tmp_path / "work" / "subjects" / "rex").exists()
+    assert not list((tmp_path / "work" / "scratch").iterdir()), "the killed worker's scratch is removed"
 
 
 # -- third-party chatter -----------------------------------------------------------------------------------------

@@ -487,7 +487,7 @@ RUN_CASES = [
             "space left on device); checkpoints already stored in {dir}/out/disk-full/checkpoints are intact: free "
             "space in the work dir (--work-dir) and rerun to resume", train={"max_steps": 3, "checkpoint_every": 1}),
     RunCase("disk-full-model", "plain/", "StorageError",
-            "disk-full-model: failed: cannot write the fine-tuned model to {work}/subjects/disk-full-model/model.tmp: no "
+            "disk-full-model: failed: cannot write the fine-tuned model to {scratch}/subjects/disk-full-model/model.tmp: no "
             "space left on device; free space in the work dir or pass a larger one with --work-dir (or "
             "$DBBATCH_WORK_DIR), then rerun"),
     RunCase("pickled-checkpoint", "plain/", None, None),  # reported, removed, trained from step 0: see its test
@@ -616,8 +616,8 @@ def test_unreadable_checkpoint_is_reported_removed_and_training_restarts(batch: 
 
 
 def test_full_disk_while_writing_the_model_leaves_no_temporary_folder(batch: Batch):
-    scratch = batch.work / "subjects" / "disk-full-model"
-    assert not (scratch / "model.tmp").exists()
+    scratch = Path(batch.report["scratch"]) / "subjects" / "disk-full-model"
+    assert not (scratch / "model.tmp").exists() and not list(batch.work.rglob("model.tmp"))
     assert not (scratch / "checkpoints").exists() and not (scratch / "model").exists()
 
 
