@@ -23,7 +23,8 @@ to learn more per CPU-second):
 3. toy CLIP (transformers CLIPModel, tiny towers), contrastive loss on the same world's images and captions.
 Evaluation every --eval-every steps: the 48 held-out prompts (dbbatch's own sampler: 25 DDIM steps, guidance
 7.5) read back by dbbatch.toyworld's checker. The log (JSON lines) goes to --state/log.jsonl and, with the
-weights, to --export.
+weights, to --export (dbbatch/assets: toy-sd/ and toy-clip/; --export-checkpoint exports a running one's newest
+checkpoint, labelled intermediate in toy-sd/pretrain_status.json).
 """
 
 from __future__ import annotations
@@ -404,6 +405,7 @@ def train_clip(args, log: Log, state_dir: Path, tokenizer, steps: int, check: bo
             print(f"clip {step + 1}/{steps} loss {float(out.loss):.4f} {eta(step)}", flush=True)
     if not check:
         model.eval()
+        save_atomic(model.state_dict(), state_dir / "clip.pt")
         acc = clip_eval(model, captions)
         log.add(stage="clip_done", steps=steps, **acc)
         print(f"clip done: {acc}", flush=True)
@@ -411,25 +413,64 @@ def train_clip(args, log: Log, state_dir: Path, tokenizer, steps: int, check: bo
 
 
 # ------------------------------------------------------------------------------------------------ export
-def export(out: Path, vae, unet, te, tokenizer, clip, log: Log, seconds: dict) -> None:
+SD_COMPONENTS = ("model_index.json", "scheduler", "unet", "vae", "text_encoder")
+
+
+def export(out: Path, vae, unet, te, tokenizer, clip, log_lines: list[dict], status: dict) -> None:
+    """Write toy-sd/ (a diffusers folder less its tokenizer: dbbatch adds the shared one) and toy-clip/ under
+    `out` (e.g. dbbatch/assets), fp16, each with SHA256SUMS; other files there (dbbatch_defaults.json) stay."""
+    import hashlib
+    import tempfile
+
     from diffusers import DDIMScheduler
     from transformers import CLIPImageProcessor
 
-    from dbbatch.models import save_folder
+    from dbbatch.models import WEIGHT_SUMS, save_folder
 
-    out.mkdir(parents=True, exist_ok=True)
-    comps = dict(unet=unet, vae=vae, text_encoder=te, tokenizer=tokenizer, scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG))
-    save_folder(comps, out / "toy-sd", dtype=torch.float16)
-    clip_dir = out / "toy-clip"
-    shutil.rmtree(clip_dir, ignore_errors=True)
-    clip.to(torch.float16).save_pretrained(clip_dir, safe_serialization=True)
-    clip.float()
-    tokenizer.save_pretrained(clip_dir)
-    CLIPImageProcessor(size={"shortest_edge": toyworld.SIZE}, crop_size={"height": toyworld.SIZE, "width": toyworld.SIZE},
-                       image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(clip_dir)
-    shutil.copy(log.path, out / "pretrain_log.jsonl")
-    (out / "pretrain_seconds.json").write_text(json.dumps(seconds, indent=2) + "\n")
-    print(f"exported to {out}", flush=True)
+    def write_sums(folder: Path) -> None:
+        lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(folder).as_posix()}"
+                 for p in sorted(folder.rglob("*.safetensors"))]
+        (folder / WEIGHT_SUMS).write_text("\n".join(lines) + "\n")
+
+    sd_dir = out / "toy-sd"
+    sd_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        comps = dict(unet=unet, vae=vae, text_encoder=te, tokenizer=tokenizer, scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG))
+        save_folder(comps, Path(tmp) / "toy-sd", dtype=torch.float16)
+        for name in SD_COMPONENTS:
+            target = sd_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            (shutil.copytree if (Path(tmp) / "toy-sd" / name).is_dir() else shutil.copy)(Path(tmp) / "toy-sd" / name, target)
+    write_sums(sd_dir)
+    (sd_dir / "pretrain_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_lines))
+    (sd_dir / "pretrain_status.json").write_text(json.dumps(status, indent=2) + "\n")
+    if clip is not None:
+        clip_dir = out / "toy-clip"
+        shutil.rmtree(clip_dir, ignore_errors=True)
+        clip.to(torch.float16).save_pretrained(clip_dir, safe_serialization=True)
+        clip.float()
+        CLIPImageProcessor(size={"shortest_edge": toyworld.SIZE}, crop_size={"height": toyworld.SIZE, "width": toyworld.SIZE},
+                           image_mean=CLIP_MEAN, image_std=CLIP_STD).save_pretrained(clip_dir)
+        write_sums(clip_dir)
+    print(f"exported {status} to {out}", flush=True)
+
+
+def export_checkpoint(args, tokenizer) -> None:
+    """Export the newest checkpoint's EMA weights (an intermediate model while the run goes on)."""
+    vae = train_vae(args, Log(Path(os.devnull), []), args.state, 0) if (args.state / "vae.pt").is_file() else None
+    saved = torch.load(args.state / "sd-state.pt", weights_only=True)
+    unet, te = new_unet_and_text_encoder(tokenizer)
+    unet.load_state_dict(saved["ema_unet"])
+    te.load_state_dict(saved["ema_te"])
+    clip = None
+    if (args.state / "clip.pt").is_file():
+        clip = new_clip(tokenizer)
+        clip.load_state_dict(torch.load(args.state / "clip.pt", weights_only=True))
+    final = saved["step"] >= args.sd_steps and clip is not None
+    export(args.export, vae, unet, te, tokenizer, clip, saved["log"] if not final else
+           [json.loads(x) for x in (args.state / "log.jsonl").read_text().splitlines() if x.strip()],
+           {"status": "final" if final else "intermediate", "sd_step": saved["step"], "sd_steps": args.sd_steps})
 
 
 def load_shipped_vae(folder: Path):
@@ -458,12 +499,17 @@ def main(argv=None) -> int:
     p.add_argument("--check-steps", type=int, default=0,
                    help="run only the first N steps of each stage (the UNet stage on the shipped VAE) and print "
                         "their log lines as JSON; compare with the committed log")
+    p.add_argument("--export-checkpoint", action="store_true",
+                   help="only export the newest checkpoint in --state to --export (while a run goes on)")
     p.add_argument("--shipped", type=Path, default=REPO / "dbbatch" / "assets", help="with --check-steps: the folder holding toy-sd/")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    if args.export_checkpoint:
+        export_checkpoint(args, tokenizer)
+        return 0
     if args.check_steps:
         import tempfile
 
@@ -505,7 +551,8 @@ def main(argv=None) -> int:
     clip = timed("clip", lambda: train_clip(args, log, args.state, tokenizer, args.clip_steps))
     log.add(stage="done", seconds=seconds)
     if args.export:
-        export(args.export, vae, unet, te, tokenizer, clip, log, seconds)
+        export(args.export, vae, unet, te, tokenizer, clip, log.lines,
+               {"status": "final", "sd_step": args.sd_steps, "sd_steps": args.sd_steps, "seconds": seconds})
     return 0
 
 
