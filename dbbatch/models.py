@@ -111,16 +111,18 @@ def write_pretrained(name: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def load_builtin_clip(name: str = "toy-clip") -> tuple[Any, Any]:
-    """(CLIPModel, CLIPTokenizer) of a pretrained built-in CLIP (`builtin:toy-clip`), eval mode, fp32."""
+def load_builtin_clip(name: str = "toy-clip") -> tuple[Any, Any, Any]:
+    """(CLIPModel, CLIPTokenizer, CLIPImageProcessor) of a pretrained built-in CLIP (`builtin:toy-clip`), eval
+    mode, fp32: the stand-in for CLIP-I/CLIP-T on the toy world."""
     import torch
-    from transformers import CLIPModel, CLIPTokenizer
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     if name not in PRETRAINED_CLIP:
         raise ModelError(f"unknown built-in CLIP 'builtin:{name}'; available: {', '.join('builtin:' + a for a in PRETRAINED_CLIP)}")
     model = CLIPModel.from_pretrained(str(PRETRAINED_CLIP[name]), dtype=torch.float32)
     model.eval()
-    return model, CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    folder = str(PRETRAINED_CLIP[name])
+    return model, CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR)), CLIPImageProcessor.from_pretrained(folder)
 
 
 def model_defaults(source: str, base_dir: Optional[Path]) -> tuple[dict[str, Any], Optional[str]]:

@@ -95,6 +95,12 @@ class Log:
             fh.write(json.dumps(record) + "\n")
 
 
+def load_state(path: Path):
+    """A checkpoint of this script (weights_only; the log lines of early runs hold a TorchVersion)."""
+    with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+        return torch.load(path, weights_only=True)
+
+
 def save_atomic(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -157,7 +163,7 @@ def train_vae(args, log: Log, state_dir: Path, steps: int, check: bool = False):
     torch.manual_seed(args.seed)
     vae = new_vae()
     if path.is_file() and not check:
-        saved = torch.load(path, weights_only=True)
+        saved = load_state(path)
         vae.load_state_dict(saved["weights"])
         vae.register_to_config(scaling_factor=saved["scaling_factor"])
         return vae
@@ -306,7 +312,7 @@ def train_sd(args, log: Log, state_dir: Path, vae, tokenizer, steps: int, check:
     path = state_dir / "sd-state.pt"
     start = 0
     if path.is_file() and not check:
-        saved = torch.load(path, weights_only=True)
+        saved = load_state(path)
         for module, key in ((unet, "unet"), (te, "te"), (ema_unet, "ema_unet"), (ema_te, "ema_te")):
             module.load_state_dict(saved[key])
         opt.load_state_dict(saved["opt"])
@@ -459,14 +465,14 @@ def export(out: Path, vae, unet, te, tokenizer, clip, log_lines: list[dict], sta
 def export_checkpoint(args, tokenizer) -> None:
     """Export the newest checkpoint's EMA weights (an intermediate model while the run goes on)."""
     vae = train_vae(args, Log(Path(os.devnull), []), args.state, 0) if (args.state / "vae.pt").is_file() else None
-    saved = torch.load(args.state / "sd-state.pt", weights_only=True)
+    saved = load_state(args.state / "sd-state.pt")
     unet, te = new_unet_and_text_encoder(tokenizer)
     unet.load_state_dict(saved["ema_unet"])
     te.load_state_dict(saved["ema_te"])
     clip = None
     if (args.state / "clip.pt").is_file():
         clip = new_clip(tokenizer)
-        clip.load_state_dict(torch.load(args.state / "clip.pt", weights_only=True))
+        clip.load_state_dict(load_state(args.state / "clip.pt"))
     final = saved["step"] >= args.sd_steps and clip is not None
     export(args.export, vae, unet, te, tokenizer, clip, saved["log"] if not final else
            [json.loads(x) for x in (args.state / "log.jsonl").read_text().splitlines() if x.strip()],
@@ -525,7 +531,7 @@ def main(argv=None) -> int:
     log_lines = []
     sd_state = args.state / "sd-state.pt"
     if sd_state.is_file():
-        log_lines = torch.load(sd_state, weights_only=True)["log"]
+        log_lines = load_state(sd_state)["log"]
     elif (args.state / "vae.pt").is_file() and (args.state / "log.jsonl").is_file():
         log_lines = [json.loads(x) for x in (args.state / "log.jsonl").read_text().splitlines() if x.strip()]
         log_lines = [r for r in log_lines if r["stage"] in ("vae", "vae_done", "run")]
@@ -533,7 +539,7 @@ def main(argv=None) -> int:
     if not log_lines:
         log.add(stage="run", seed=args.seed, vae_steps=args.vae_steps, sd_steps=args.sd_steps,
                 clip_steps=args.clip_steps, lr=args.lr, warmup=args.warmup, ema=args.ema, batch=BATCH,
-                threads=args.threads, torch=torch.__version__)
+                threads=args.threads, torch=str(torch.__version__))
     seconds_path = args.state / "seconds.json"
     seconds = json.loads(seconds_path.read_text()) if seconds_path.is_file() else {}
 
