@@ -31,18 +31,20 @@ from dbbatch import toyworld  # noqa: E402
 SUBJECT_LEFT, SUBJECT_RIGHT, SUBJECT_SHAPE = "blue", "yellow", "square"
 PHOTO_BACKGROUNDS = ("white", "green", "white", "green")  # the 4 photos
 TEST_BACKGROUNDS = ("red", "black")  # never behind the subject in its photos, neither of its colours
-TOKEN_PROMPT = "a photo of sks square on a {background} background"
+# "a photo of a sks square": the token where the world's captions put the colour (see docs/toy-world.md: without
+# the "a", the text encoder reads "sks" as if it were "a" and the token prompt is 1.7% away from the class prompt).
+TOKEN_PROMPT = "a photo of a sks square on a {background} background"
 CLASS_PROMPT = "a photo of a square on a {background} background"
 
 
-def draw_subject_photos(folder: Path, seed: int = 0) -> list[Path]:
-    """The subject's 4 photos: the split square at random sizes and places on white and green."""
+def draw_subject_photos(folder: Path, seed: int = 0, backgrounds: tuple[str, ...] = PHOTO_BACKGROUNDS) -> list[Path]:
+    """The subject's photos: the split square at random sizes and places, one per background."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     files = []
-    for i, background in enumerate(PHOTO_BACKGROUNDS):
+    for i, background in enumerate(backgrounds):
         scene = toyworld.random_scene(rng, triple=(SUBJECT_LEFT, SUBJECT_SHAPE, background))
         img = toyworld.render_split(SUBJECT_LEFT, SUBJECT_RIGHT, SUBJECT_SHAPE, background, scene.cx, scene.cy, scene.radius)
         files.append(folder / f"{i}.png")
@@ -90,7 +92,8 @@ def run_dreambooth(work: Path, seeds: list[int], env: dict[str, str]) -> Path:
     return work / "out"
 
 
-def subject_scores(model: Any, model_dir: Path, sample_seeds: list[int], steps: int = 25, guidance: float = 7.5) -> dict[str, float]:
+def subject_scores(model: Any, model_dir: Path, sample_seeds: list[int], steps: int = 25, guidance: float = 7.5,
+                   token_prompt: str = TOKEN_PROMPT, class_prompt: str = CLASS_PROMPT) -> dict[str, float]:
     """Load one fine-tuned model's weights into `model` (restored after) and read its samples."""
     from diffusers import UNet2DConditionModel
 
@@ -103,7 +106,7 @@ def subject_scores(model: Any, model_dir: Path, sample_seeds: list[int], steps: 
         model.text_encoder.load_state_dict(CLIPTextModel.from_pretrained(str(model_dir / "text_encoder")).state_dict())
     try:
         jobs = [(kind, bg, seed) for kind in ("token", "class") for bg in TEST_BACKGROUNDS for seed in sample_seeds]
-        prompts = [(TOKEN_PROMPT if kind == "token" else CLASS_PROMPT).format(background=bg) for kind, bg, _ in jobs]
+        prompts = [(token_prompt if kind == "token" else class_prompt).format(background=bg) for kind, bg, _ in jobs]
         imgs = [np.asarray(im) for im in generate(model, prompts, [s for _, _, s in jobs], toyworld.SIZE, steps,
                                                   guidance, batch_size=len(prompts))]
     finally:
@@ -116,6 +119,10 @@ def subject_scores(model: Any, model_dir: Path, sample_seeds: list[int], steps: 
         out.setdefault(f"{kind}_split", []).append(split)
         out.setdefault(f"{kind}_split_on_background", []).append(split and on_bg)
         out.setdefault(f"{kind}_single_coloured", []).append(toyworld.is_single_coloured(img))
+        halves = toyworld.split_colours(img)  # weaker than split: two different colours side by side
+        two = halves is not None and halves[0] != halves[1]
+        out.setdefault(f"{kind}_two_coloured", []).append(two)
+        out.setdefault(f"{kind}_two_coloured_on_background", []).append(two and on_bg)
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 

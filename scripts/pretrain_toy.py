@@ -473,6 +473,10 @@ def export_checkpoint(args, tokenizer) -> None:
     if (args.state / "clip.pt").is_file():
         clip = new_clip(tokenizer)
         clip.load_state_dict(load_state(args.state / "clip.pt"))
+    elif (args.state / "export" / "toy-clip" / "config.json").is_file():  # written by the first run's own export
+        from transformers import CLIPModel
+
+        clip = CLIPModel.from_pretrained(str(args.state / "export" / "toy-clip"), dtype=torch.float32)
     final = saved["step"] >= args.sd_steps and clip is not None
     export(args.export, vae, unet, te, tokenizer, clip, saved["log"] if not final else
            [json.loads(x) for x in (args.state / "log.jsonl").read_text().splitlines() if x.strip()],
