@@ -70,9 +70,10 @@ def test_dreambooth_renders_the_subject_in_new_contexts_and_prior_preservation_k
         assert gap >= PRIOR_GAP_MIN, f"seed {seed}: prior preservation made too little difference ({gap:.2f})\n{report}"
 
 
-# Thresholds, each below what scripts/measure_toy.py measured with the shipped weights (docs/toy-world.md):
+# Thresholds, each below what scripts/measure_toy.py measured with the shipped weights (docs/toy-world.md; the
+# same seeds and sampling seeds as here, so on this machine these runs reproduce those numbers):
 BACKGROUND_MIN, FOREGROUND_MIN = 0.85, 0.8  # measured 1.00 and 1.00 (48 prompts)
-TOKEN_BACKGROUND_MIN = 0.8  # measured 1.00 for every seed
-TOKEN_TWO_COLOURED_MIN = 0.45  # measured 0.67-0.83
-CLASS_SINGLE_MIN = 0.5  # measured 0.67-0.92
-PRIOR_GAP_MIN = 0.2  # measured 0.42-0.59
+TOKEN_BACKGROUND_MIN = 0.65  # measured 0.83, 1.00, 1.00 (training seeds 0, 1, 2)
+TOKEN_TWO_COLOURED_MIN = 0.35  # measured 0.67, 0.50, 0.92
+CLASS_SINGLE_MIN = 0.5  # measured 1.00, 0.67, 1.00 (without prior preservation: 0.00, 0.33, 0.25)
+PRIOR_GAP_MIN = 0.2  # measured 1.00, 0.33, 0.75
