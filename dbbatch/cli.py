@@ -129,6 +129,7 @@ def validate(
     manifest: Path = typer.Argument(..., help="The manifest YAML."),
     output: Optional[str] = typer.Option(None, "--output", help="Override the manifest's output location."),
     check_remote: bool = typer.Option(True, "--check-remote/--no-check-remote", help="Also check images resolve and the output is writable."),
+    show_settings: bool = typer.Option(False, "--show-settings", help="Print each subject's resolved training settings and where each came from."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Check the whole manifest and report every problem at once (exit 2 if any)."""
@@ -152,6 +153,14 @@ def validate(
         raise typer.Exit(EXIT_INVALID)
     if found.storage:
         raise typer.Exit(EXIT_STORAGE)
+    if show_settings:
+        from dbbatch.manifest import resolve_subjects
+
+        for subject in resolve_subjects(m, base_dir):
+            for path, origin in subject.settings_from.items():
+                section, _, key = path.rpartition(".")
+                value = getattr(getattr(subject, section), key) if section else getattr(subject, key)
+                typer.echo(f"{subject.id}\t{path} = {value}\t(from {origin})")
     typer.echo(f"{manifest}: OK ({len(m.subjects)} subject(s), output {out})")
 
 
@@ -361,9 +370,9 @@ def schema() -> None:
 @app.command("tiny-model")
 def tiny_model(
     out_dir: Path = typer.Argument(..., help="Folder to write the diffusers pipeline to."),
-    arch: str = typer.Option("tiny-sd", "--arch", help="Built-in architecture: tiny-sd, small-sd or sd15."),
+    arch: str = typer.Option("tiny-sd", "--arch", help="Built-in model: tiny-sd, small-sd, sd15 (random weights) or toy-sd (pretrained)."),
 ) -> None:
-    """Write a built-in model (random weights, fixed seed) as a diffusers folder."""
+    """Write a built-in model (random weights from a fixed seed, or toy-sd's trained ones) as a diffusers folder."""
     _setup_logging(False)
     _quiet_libraries()
     from dbbatch.models import write_builtin

@@ -12,7 +12,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from dbbatch.errors import ManifestError
 from dbbatch.manifest_errors import closest, load_yaml, problems_from, short
@@ -184,6 +184,9 @@ class Manifest(_Strict):
     )
     defaults: SubjectSettings = Field(default_factory=SubjectSettings)
     subjects: list[SubjectEntry] = Field(min_length=1)
+    # Setting path -> where the base model's carried default came from ("model <base_model> (<file>)"), for
+    # the keys `apply_model_defaults` filled into `defaults`; empty when the model carries none.
+    _carried: dict[str, str] = PrivateAttr(default_factory=dict)
 
 
 class Subject(BaseModel):
@@ -202,6 +205,8 @@ class Subject(BaseModel):
     train: TrainConfig
     priors: PriorConfig
     samples: SampleConfig
+    # Where each tracked setting's value came from: subjects[i], defaults, the base model's file, or dbbatch.
+    settings_from: dict[str, str] = Field(default_factory=dict)
 
     def sample_prompts(self) -> list[str]:
         prompts = [format_prompt(p, self.token, self.class_noun) for p in self.samples.prompts]
@@ -309,8 +314,75 @@ def _merge(base: BaseModel, *overrides: BaseModel) -> dict[str, Any]:
     return merged
 
 
+# Settings whose origin `Subject.settings_from` records (config.yaml, `dbbatch validate --show-settings`): the
+# ones a base model may carry, plus any other key its defaults file sets.
+TRACKED_SETTINGS = ("resolution", "train.learning_rate", "train.max_steps", "priors.num_images")
+_SECTIONS = {"train": TrainConfig, "priors": PriorConfig, "samples": SampleConfig}
+
+
+def _set_paths(settings: SubjectSettings) -> set[str]:
+    """Dotted paths of the keys a SubjectSettings (a parsed `defaults:`, subject or model file) sets."""
+    paths = {k for k in settings.model_fields_set if k not in _SECTIONS}
+    for name in _SECTIONS:
+        if name in settings.model_fields_set:
+            paths |= {f"{name}.{k}" for k in getattr(settings, name).model_fields_set}
+    return paths
+
+
+def apply_model_defaults(m: Manifest, carried: dict[str, Any], origin: str) -> Manifest:
+    """The manifest with the base model's training defaults (`carried`, SubjectSettings keys) filled into
+    `defaults` wherever the manifest sets nothing: manifest `defaults` and each subject's keys still win."""
+    if not carried:
+        return m
+    try:
+        model = SubjectSettings.model_validate(carried)
+    except ValidationError as e:
+        raise ManifestError(problems_from(e, SubjectSettings), origin) from None
+    d = m.defaults
+    filled: dict[str, Any] = {}
+    for key in ("resolution", "instance_prompt", "class_prompt"):
+        value_from = d if key in d.model_fields_set or key not in model.model_fields_set else model
+        if key in d.model_fields_set or key in model.model_fields_set:
+            filled[key] = getattr(value_from, key)
+    for name, cls in _SECTIONS.items():
+        merged = {**getattr(model, name).model_dump(exclude_unset=True), **getattr(d, name).model_dump(exclude_unset=True)}
+        filled[name] = cls(**merged)
+    out = m.model_copy(update={"defaults": SubjectSettings(**filled)})
+    out._carried = {path: origin for path in _set_paths(model) - _set_paths(d)}
+    problems = _merged_checks(out)
+    if problems:
+        raise ManifestError(problems, origin)
+    return out
+
+
+def with_model_defaults(m: Manifest, base_dir: Optional[Path]) -> Manifest:
+    """`apply_model_defaults` with what the manifest's base model carries (a built-in's metadata, or
+    dbbatch_defaults.json beside a local folder's model_index.json); unchanged when it carries nothing."""
+    from dbbatch.models import model_defaults
+
+    carried, path = model_defaults(m.base_model, base_dir)
+    return apply_model_defaults(m, carried, f"model {m.base_model} ({path})") if carried else m
+
+
+def settings_sources(m: Manifest, i: int) -> dict[str, str]:
+    """Where subject i's tracked settings come from: `subjects[i]`, `defaults`, the model's file, `dbbatch`."""
+    own, given = _set_paths(m.subjects[i]), _set_paths(m.defaults)
+    out = {}
+    for path in sorted(set(TRACKED_SETTINGS) | set(m._carried)):
+        if path in own:
+            out[path] = f"subjects[{i}]"
+        elif path in m._carried:
+            out[path] = m._carried[path]
+        elif path in given:
+            out[path] = "defaults"
+        else:
+            out[path] = "dbbatch"
+    return out
+
+
 def resolve_subjects(m: Manifest, base_dir: Optional[Path]) -> list[Subject]:
-    """Merge built-in defaults <- manifest `defaults` <- the subject's own keys, one nested section at a time."""
+    """Merge built-in defaults <- manifest `defaults` <- the subject's own keys, one nested section at a time.
+    (`defaults` includes the base model's carried defaults once `with_model_defaults` has run.)"""
     out = []
     for i, s in enumerate(m.subjects):
         d = m.defaults
@@ -331,6 +403,7 @@ def resolve_subjects(m: Manifest, base_dir: Optional[Path]) -> list[Subject]:
                 train=TrainConfig(**_merge(TrainConfig(), d.train, s.train)),
                 priors=PriorConfig(**_merge(PriorConfig(), d.priors, s.priors)),
                 samples=SampleConfig(**_merge(SampleConfig(), d.samples, s.samples)),
+                settings_from=settings_sources(m, i),
             )
         )
     return out
@@ -355,7 +428,8 @@ def load_manifest(path: Path) -> tuple[Manifest, Path]:
         raise ManifestError(["the file is not UTF-8 text; a manifest is a YAML text file (is this a binary or another encoding?)"], str(path)) from None
     except OSError as e:
         raise ManifestError([f"cannot read the file: {e.strerror}; pass the manifest YAML file"], str(path)) from None
-    return parse_manifest(text, str(path)), path.resolve().parent
+    base_dir = path.resolve().parent
+    return with_model_defaults(parse_manifest(text, str(path)), base_dir), base_dir
 
 
 def json_schema() -> dict[str, Any]:

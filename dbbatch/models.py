@@ -24,6 +24,15 @@ TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
 BUILTIN_VERSION = "2"  # bump when a built-in config or its seed changes: it is part of every cache key
 BUILTIN_SEED = 1234
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+ASSETS_DIR = Path(__file__).parent / "assets"
+# Built-in models with trained weights (scripts/pretrain_toy.py), shipped as package data: a diffusers folder
+# without its tokenizer (the shared one in assets/tokenizer/ is copied in when the folder is written out).
+PRETRAINED: dict[str, Path] = {"toy-sd": ASSETS_DIR / "toy-sd"}
+PRETRAINED_CLIP: dict[str, Path] = {"toy-clip": ASSETS_DIR / "toy-clip"}  # transformers CLIPModel folders
+WEIGHT_SUMS = "SHA256SUMS"  # beside the shipped weights: `sha256sum -c` format, checked by the tests
+# Training defaults a model carries (a built-in in its asset folder, a user's folder beside model_index.json):
+# SubjectSettings keys (resolution, train, priors, samples) that apply where the manifest is silent.
+MODEL_DEFAULTS_FILE = "dbbatch_defaults.json"
 
 # Scheduler as shipped with SD 1.x checkpoints; DDIM is used for sampling, DDPM (same betas) for training.
 SCHEDULER_CONFIG = {
@@ -67,6 +76,76 @@ ARCHS: dict[str, dict[str, Any]] = {
                              projection_dim=768, hidden_act="quick_gelu"),
     },
 }
+
+
+def builtin_names() -> list[str]:
+    """Every `builtin:` name a manifest may give: random-weight architectures, then pretrained models."""
+    return [*ARCHS, *PRETRAINED]
+
+
+def unknown_builtin(name: str) -> ModelError:
+    return ModelError(f"unknown built-in model 'builtin:{name}'; available: {', '.join('builtin:' + a for a in builtin_names())}")
+
+
+def pretrained_digest(name: str) -> str:
+    """sha256 over the shipped weight files of a pretrained built-in (16 hex digits): its identity."""
+    folder = PRETRAINED[name]
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*.safetensors")):
+        h.update(p.relative_to(folder).as_posix().encode())
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def write_pretrained(name: str, out_dir: Path) -> Path:
+    """A pretrained built-in as a complete diffusers folder (the shipped files plus the shared tokenizer)."""
+    src = PRETRAINED[name]
+    if not (src / "model_index.json").is_file():
+        raise ModelError(f"builtin:{name}: its weights are missing from this installation ({src}); reinstall dbbatch")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(WEIGHT_SUMS, "*.jsonl", "*.md"))
+    shutil.copytree(TOKENIZER_DIR, tmp / "tokenizer")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def load_builtin_clip(name: str = "toy-clip") -> tuple[Any, Any, Any]:
+    """(CLIPModel, CLIPTokenizer, CLIPImageProcessor) of a pretrained built-in CLIP (`builtin:toy-clip`), eval
+    mode, fp32: the stand-in for CLIP-I/CLIP-T on the toy world."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    if name not in PRETRAINED_CLIP:
+        raise ModelError(f"unknown built-in CLIP 'builtin:{name}'; available: {', '.join('builtin:' + a for a in PRETRAINED_CLIP)}")
+    model = CLIPModel.from_pretrained(str(PRETRAINED_CLIP[name]), dtype=torch.float32)
+    model.eval()
+    folder = str(PRETRAINED_CLIP[name])
+    return model, CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR)), CLIPImageProcessor.from_pretrained(folder)
+
+
+def model_defaults(source: str, base_dir: Optional[Path]) -> tuple[dict[str, Any], Optional[str]]:
+    """(the training defaults a base model carries, where they were read) or ({}, None) when it carries
+    none or cannot be read without downloading (a remote folder or a hub id)."""
+    kind, where = resolve_source(source, base_dir)
+    if kind == "builtin":
+        if where not in PRETRAINED:
+            return {}, None
+        path = PRETRAINED[where] / MODEL_DEFAULTS_FILE
+    elif kind == "local":
+        path = Path(where) / MODEL_DEFAULTS_FILE
+    else:
+        return {}, None
+    if not path.is_file():
+        return {}, None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"base_model {source!r}: {path} is not valid JSON ({e}); fix or remove it") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"base_model {source!r}: {path} must hold a JSON object of manifest `defaults` keys")
+    return data, str(path)
 
 
 def vae_scale_factor(vae_config: Any) -> int:
@@ -132,7 +211,7 @@ def build_builtin(name: str, torch_dtype: Any = None) -> dict[str, Any]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if name not in ARCHS:
-        raise ModelError(f"unknown built-in model 'builtin:{name}'; available: {', '.join('builtin:' + a for a in ARCHS)}")
+        raise unknown_builtin(name)
     arch = ARCHS[name]
     tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
     torch.manual_seed(BUILTIN_SEED)
@@ -234,13 +313,15 @@ def _disk_full(exc: BaseException) -> bool:
 
 
 def write_builtin(name: str, out_dir: Path) -> Path:
+    if name in PRETRAINED:
+        return write_pretrained(name, out_dir)
     return save_folder(build_builtin(name), out_dir)
 
 
 def check_folder(folder: Path, source: str) -> None:
     if not folder.is_dir():
         raise ModelError(f"base_model {source!r}: no such folder ({folder}); give a diffusers folder, a built-in "
-                         f"model ({', '.join('builtin:' + a for a in ARCHS)}) or a hub id (org/name)")
+                         f"model ({', '.join('builtin:' + a for a in builtin_names())}) or a hub id (org/name)")
     index = folder / "model_index.json"
     if not index.is_file():
         raise ModelError(f"base_model {source!r}: not a diffusers folder (no model_index.json); use a Stable Diffusion 1.x/2.x folder saved with save_pretrained")
@@ -273,13 +354,15 @@ def fingerprint(folder: Path) -> str:
 
 def load_folder(folder: Path, source: str, identity: Optional[str] = None) -> BaseModel:
     """Load a diffusers SD folder (epsilon or v-prediction)."""
+    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     check_folder(folder, source)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
-        text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"))
+        # transformers 5 keeps the saved dtype by default: an fp16 folder would give an fp16 encoder on the CPU.
+        text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=torch.float32)
         vae = AutoencoderKL.from_pretrained(str(folder / "vae"))
         unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"))
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -351,9 +434,16 @@ def fetch_remote_folder(url: str, cache_dir: Path, storage: Any) -> Path:
 def load_base_model(source: str, base_dir: Optional[Path], cache_dir: Path, storage: Any) -> BaseModel:
     """Any `base_model` value -> a frozen BaseModel with a snapshot of its trainable weights."""
     kind, where = resolve_source(source, base_dir)
+    if kind == "builtin" and where in PRETRAINED:
+        digest = pretrained_digest(where)
+        folder = cache_dir / "models" / f"builtin-{where}-{digest}"
+        if not (folder / "model_index.json").is_file():
+            log.info("writing built-in model %s to %s", source, folder)
+            write_pretrained(where, folder)
+        return load_folder(folder, source, identity=f"builtin:{where}:{digest}")
     if kind == "builtin":
         if where not in ARCHS:
-            build_builtin(where)  # raises the 'unknown built-in' ModelError
+            raise unknown_builtin(where)
         folder = cache_dir / "models" / f"builtin-{where}-v{BUILTIN_VERSION}"
         if not (folder / "model_index.json").is_file():
             with cache_lock(folder):  # workers sharing a work dir: one writes, the others wait and use it

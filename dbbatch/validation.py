@@ -68,9 +68,11 @@ def _read_config(kind: str, where: str, rel: str, storage: Any, check_remote: bo
 
 def model_geometry(base_model: str, base_dir: Optional[Path], storage: Any, check_remote: bool) -> Optional[tuple[int, int]]:
     """(VAE scale factor, native resolution) from the model's config files, or None when unknown here."""
-    from dbbatch.models import ARCHS, resolve_source, vae_scale_factor
+    from dbbatch.models import ARCHS, PRETRAINED, resolve_source, vae_scale_factor
 
     kind, where = resolve_source(base_model, base_dir)
+    if kind == "builtin" and where in PRETRAINED:
+        kind, where = "local", str(PRETRAINED[where])  # its configs are package data
     if kind == "builtin":
         arch = ARCHS.get(where)
         if arch is None:
@@ -110,15 +112,15 @@ def load_tokenizer(base_model: str, base_dir: Optional[Path], storage: Any, chec
     """The tokenizer only (no weights), or None when it would need the network and that is off."""
     from transformers import CLIPTokenizer
 
-    from dbbatch.models import TOKENIZER_DIR, build_builtin, check_folder, resolve_source
+    from dbbatch.models import TOKENIZER_DIR, check_folder, resolve_source
 
     kind, where = resolve_source(base_model, base_dir)
     if kind == "builtin":
-        from dbbatch.models import ARCHS
+        from dbbatch.models import builtin_names, unknown_builtin
 
-        if where not in ARCHS:
-            build_builtin(where)  # raises the clear ModelError
-        return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+        if where not in builtin_names():
+            raise unknown_builtin(where)
+        return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))  # every built-in uses the shipped tokenizer
     if kind == "local":
         check_folder(Path(where), base_model)
         return _tokenizer_from(Path(where) / "tokenizer", base_model)
@@ -150,9 +152,9 @@ def _tokenizer_from(folder: Path, base_model: str) -> Any:
 def _model_problem(e: DbbatchError, base_model: str) -> str:
     line = str(e) if str(e).startswith("base_model") else f"base_model: {e}"
     if ":" in base_model and "://" not in base_model and not base_model.startswith("builtin:"):
-        from dbbatch.models import ARCHS
+        from dbbatch.models import builtin_names
 
-        line += did_you_mean(base_model, [f"builtin:{a}" for a in ARCHS])
+        line += did_you_mean(base_model, [f"builtin:{a}" for a in builtin_names()])
     return line
 
 

@@ -1,38 +1,36 @@
-"""Draw the demo subjects' photos (small PNGs; no downloaded images): manifests/demo-images/{rex,tom}/.
+"""Draw the demo subjects' photos (no downloaded images): manifests/demo-images/{rex,tom}/.
 
-rex is a red disc on varied backgrounds, tom a blue triangle: distinctive looks a tiny model can learn.
-Deterministic: the same files every time. Usage: python scripts/make_demo_images.py [OUT_DIR]
+Two subjects the toy world never contains, so what the demo's grids show is learnt from these photos alone:
+rex is a square split blue (left) / yellow (right), photographed on white and green; tom is a triangle split
+red (left) / white (right), on black and blue. The grids then ask for them on other backgrounds, next to the
+class prompt's row. Deterministic: the same files every time. Usage: python scripts/make_demo_images.py [OUT_DIR]
 """
 
 import random
 import sys
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dbbatch import toyworld  # noqa: E402
 
 OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "manifests" / "demo-images"
-
-
-def draw(shape: str, color: tuple[int, int, int], seed: int, size: int = 96) -> Image.Image:
-    rng = random.Random(seed)
-    bg = tuple(rng.randint(170, 240) for _ in range(3))
-    img = Image.new("RGB", (size, size), bg)
-    d = ImageDraw.Draw(img)
-    r = rng.randint(size // 4, size // 3)
-    cx, cy = size // 2 + rng.randint(-8, 8), size // 2 + rng.randint(-8, 8)
-    if shape == "disc":
-        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
-    else:
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
-    return img
+SUBJECTS = {  # id: (shape, left colour, right colour, photo backgrounds)
+    "rex": ("square", "blue", "yellow", ("white", "green", "white", "green")),
+    "tom": ("triangle", "red", "white", ("black", "blue", "black", "blue")),
+}
 
 
 def main() -> None:
-    for subject, shape, color, n in (("rex", "disc", (220, 30, 30), 4), ("tom", "triangle", (30, 60, 220), 2)):
+    for subject, (shape, left, right, backgrounds) in SUBJECTS.items():
         folder = OUT / subject
         folder.mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            draw(shape, color, seed=i * 7 + len(subject)).save(folder / f"{'abcd'[i]}.png")
+        rng = random.Random(subject)
+        for i, background in enumerate(backgrounds):
+            s = toyworld.random_scene(rng, triple=(left, shape, background))
+            img = toyworld.render_split(left, right, shape, background, s.cx, s.cy, s.radius)
+            Image.fromarray(img).save(folder / f"{'abcd'[i]}.png")
     print(f"demo images in {OUT}")
 
 

@@ -220,10 +220,10 @@ MANIFEST_CASES = [
         "m.yaml: output: unsupported location 's4://bucket/out': Protocol not known: s4; did you mean 's3://'?"]),
     ManifestCase("base-model-missing", doc(base_model="./no-such-model"), 2, [
         "m.yaml: base_model './no-such-model': no such folder ({dir}/no-such-model); give a diffusers folder, a "
-        "built-in model (builtin:tiny-sd, builtin:small-sd, builtin:sd15) or a hub id (org/name)"]),
+        "built-in model (builtin:tiny-sd, builtin:small-sd, builtin:sd15, builtin:toy-sd) or a hub id (org/name)"]),
     ManifestCase("base-model-typo", doc(base_model="bulitin:tiny-sd"), 2, [
         "m.yaml: base_model 'bulitin:tiny-sd': no such folder ({dir}/bulitin:tiny-sd); give a diffusers folder, a "
-        "built-in model (builtin:tiny-sd, builtin:small-sd, builtin:sd15) or a hub id (org/name); did you mean "
+        "built-in model (builtin:tiny-sd, builtin:small-sd, builtin:sd15, builtin:toy-sd) or a hub id (org/name); did you mean "
         "'builtin:tiny-sd'?"]),
     ManifestCase("base-model-not-diffusers", doc(base_model="./weights"), 2, [
         "m.yaml: base_model './weights': not a diffusers folder (no model_index.json); use a Stable Diffusion 1.x/2.x "

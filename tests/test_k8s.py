@@ -251,6 +251,6 @@ def test_cli_render_errors_exit_2_with_one_line(args, says):
 
 def test_cli_render_refuses_an_invalid_manifest(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(MANIFEST.replace("token: sks", "token: dog"))
+    bad.write_text(MANIFEST.replace("token: sks", "token: square"))  # the class noun itself
     proc = run_cli("k8s", "render", str(bad), "--image", "img:1", "--shards", "1")
     assert proc.returncode == 2 and "subjects[0].token" in proc.stderr and proc.stdout == ""
