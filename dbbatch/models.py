@@ -434,23 +434,21 @@ def fetch_remote_folder(url: str, cache_dir: Path, storage: Any) -> Path:
 def load_base_model(source: str, base_dir: Optional[Path], cache_dir: Path, storage: Any) -> BaseModel:
     """Any `base_model` value -> a frozen BaseModel with a snapshot of its trainable weights."""
     kind, where = resolve_source(source, base_dir)
-    if kind == "builtin" and where in PRETRAINED:
-        digest = pretrained_digest(where)
-        folder = cache_dir / "models" / f"builtin-{where}-{digest}"
-        if not (folder / "model_index.json").is_file():
-            log.info("writing built-in model %s to %s", source, folder)
-            write_pretrained(where, folder)
-        return load_folder(folder, source, identity=f"builtin:{where}:{digest}")
     if kind == "builtin":
-        if where not in ARCHS:
+        if where in PRETRAINED:
+            digest = pretrained_digest(where)
+            folder, identity = cache_dir / "models" / f"builtin-{where}-{digest}", f"builtin:{where}:{digest}"
+        elif where in ARCHS:
+            folder = cache_dir / "models" / f"builtin-{where}-v{BUILTIN_VERSION}"
+            identity = f"builtin:{where}:v{BUILTIN_VERSION}:seed{BUILTIN_SEED}"
+        else:
             raise unknown_builtin(where)
-        folder = cache_dir / "models" / f"builtin-{where}-v{BUILTIN_VERSION}"
         if not (folder / "model_index.json").is_file():
             with cache_lock(folder):  # workers sharing a work dir: one writes, the others wait and use it
                 if not (folder / "model_index.json").is_file():
                     log.info("writing built-in model %s to %s", source, folder)
                     write_builtin(where, folder)
-        return load_folder(folder, source, identity=f"builtin:{where}:v{BUILTIN_VERSION}:seed{BUILTIN_SEED}")
+        return load_folder(folder, source, identity=identity)
     if kind == "local":
         return load_folder(Path(where), source)
     if kind == "remote":
