@@ -79,11 +79,15 @@ def _utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def holder_of(doc: dict[str, Any]) -> str:
+    """'pod P (host H, pid N, run R)': the worker named in a lease, for messages."""
+    h = doc.get("holder", {})
+    return f"pod {h.get('pod', '?')} (host {h.get('host', '?')}, pid {h.get('pid', '?')}, run {h.get('run_id', '?')})"
+
+
 def describe(doc: dict[str, Any]) -> str:
     """'pod P (host H, pid N, run R), lease until T': who holds a lease, for messages."""
-    h = doc.get("holder", {})
-    return (f"pod {h.get('pod', '?')} (host {h.get('host', '?')}, pid {h.get('pid', '?')}, run {h.get('run_id', '?')}), "
-            f"lease until {_utc(float(doc.get('expires_at', 0)))}")
+    return f"{holder_of(doc)}, lease until {_utc(float(doc.get('expires_at', 0)))}"
 
 
 def worker_identity(run_id: str) -> dict[str, Any]:

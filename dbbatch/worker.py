@@ -28,7 +28,7 @@ import yaml
 
 from dbbatch import __version__, faults, signals
 from dbbatch.errors import DbbatchError, ImageError, InputError, Preempted, StorageError
-from dbbatch.leases import Lease, Leases, describe, failed_since, is_live, worker_identity
+from dbbatch.leases import Lease, Leases, describe, failed_since, holder_of, is_live, worker_identity
 from dbbatch.manifest import Manifest, Subject
 from dbbatch.storage import Storage, join, redact
 
@@ -164,11 +164,9 @@ class Batch:
     def attempt(self, subject: Subject, waiting_for: set[str]) -> Optional[SubjectResult]:
         """Skip, refuse or run one subject; None when another worker holds its lease (try again later)."""
         out = join(self.opts.output, subject.id)
-        done = join(out, SUCCESS)
         try:
-            if not self.opts.force and self.storage.exists(done, fresh=True):  # another worker may have written it
-                log.info("%s: already done (%s exists); skipped", subject.id, done)
-                return SubjectResult(subject.id, "skipped", out)
+            if (skipped := self.skipped_as_done(subject)) is not None:
+                return skipped
             if self.leases is None:
                 return self.run_one(subject, None)
             claim = self.leases.claim(subject.id, unless_failed_since=self.leases.started_at)
@@ -178,7 +176,7 @@ class Batch:
         if claim.lease is None:
             current = claim.current or {}
             if failed_since(current, self.leases.started_at):
-                message = f"failed in {describe(current).split(', lease')[0]}: {current.get('message')}; not retried in this pass (rerun to retry)"
+                message = f"failed in {holder_of(current)}: {current.get('message')}; not retried in this pass (rerun to retry)"
                 log.error("%s: %s", subject.id, message)
                 return SubjectResult(subject.id, "failed", out, error_class=current.get("error_class") or "Failed", message=message)
             if self.opts.force:
@@ -192,18 +190,24 @@ class Batch:
             return None
         lease = claim.lease
         result: Optional[SubjectResult] = None
-        try:
-            if not self.opts.force and self.storage.exists(done, fresh=True):  # finished by its last holder after our first look
-                log.info("%s: already done (%s exists); skipped", subject.id, done)
-                result = SubjectResult(subject.id, "skipped", out)
-            else:
-                result = self.run_one(subject, lease)
+        try:  # its last holder may have finished it after our first look
+            result = self.skipped_as_done(subject) or self.run_one(subject, lease)
         finally:
             outcome = {"succeeded": "done", "skipped": "done", "failed": "failed", "preempted": "preempted"}
             status = result.status if result else "released"
             lease.release(outcome.get(status, "released"), result.message if result else None,
                           result.error_class if result else None)
         return result
+
+    def skipped_as_done(self, subject: Subject) -> Optional[SubjectResult]:
+        """The 'skipped' result if `_SUCCESS` is stored (and not --force), asked of the store, not of a listing
+        cache: another worker may have written it."""
+        out = join(self.opts.output, subject.id)
+        done = join(out, SUCCESS)
+        if self.opts.force or not self.storage.exists(done, fresh=True):
+            return None
+        log.info("%s: already done (%s exists); skipped", subject.id, done)
+        return SubjectResult(subject.id, "skipped", out)
 
     def run_one(self, subject: Subject, lease: Optional[Lease] = None) -> SubjectResult:
         out = join(self.opts.output, subject.id)
@@ -605,16 +609,20 @@ def _advice(e: BaseException) -> str:
     return ""
 
 
+def _host_tag() -> str:
+    """This host's name with no '-' in it, so `<host>-<pid>-<run id>` splits back into its parts."""
+    return re.sub(r"[^A-Za-z0-9.]+", "_", socket.gethostname())
+
+
 def scratch_dir(work_dir: Path, run_id: str) -> Path:
     """`<work_dir>/scratch/<host>-<pid>-<run id>`: this process's scratch, removed when the batch ends."""
-    host = re.sub(r"[^A-Za-z0-9.]+", "_", socket.gethostname())
-    return work_dir / "scratch" / f"{host}-{os.getpid()}-{run_id}"
+    return work_dir / "scratch" / f"{_host_tag()}-{os.getpid()}-{run_id}"
 
 
 def remove_orphan_scratch(work_dir: Path) -> None:
     """Remove the scratch of dead workers of this host (SIGKILLed, OOM-killed): a rerun on a small volume must
     not find its disk full of a dead run's checkpoint copies. Live pids (possibly reused) are left alone."""
-    host = re.sub(r"[^A-Za-z0-9.]+", "_", socket.gethostname())
+    host = _host_tag()
     root = work_dir / "scratch"
     for folder in root.glob(f"{host}-*-*") if root.is_dir() else []:
         pid = folder.name[len(host) + 1 :].split("-", 1)[0]
