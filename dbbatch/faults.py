@@ -16,6 +16,9 @@ DBBATCH_FAULTS is a ';'-separated list:
   pause_at_publish=P   at publish point P of a subject (see on_publish), write P to $DBBATCH_FAULT_MARKER and
                        wait until the file `$DBBATCH_FAULT_MARKER.continue` exists or SIGTERM arrives (tests
                        cut the storage endpoint meanwhile, then let publishing go on)
+  other_machine        this worker presents itself as running on another machine (another boot id), as pods
+                       on two nodes are: it cannot tell that a lease holder on this machine died, and waits
+                       for the lease to expire
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ _current_subject: Optional[str] = None
 def set_subject(subject_id: Optional[str]) -> None:
     global _current_subject
     _current_subject = subject_id
+
+
+def other_machine() -> bool:
+    return "other_machine" in _faults()
 
 
 def on_train_step(step: int) -> None:

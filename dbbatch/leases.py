@@ -13,6 +13,11 @@ the one in force.
   `_SUCCESS`, deleting checkpoints, `--force`'s deletion) it also asks the store (`verify`).
 - release: the holder marks its generation released, with the outcome (done, failed, preempted).
 
+A holder that died on this machine (SIGKILL, OOM kill: same boot, same pid namespace, its pid gone or
+reused by a younger process) is known dead without waiting for its lease to expire; a rerun on the same
+machine or in the restarted container of the same pod (same pid namespace only if it is shared) takes over
+at once. Elsewhere, expiry is the only evidence.
+
 Why generations rather than one object rewritten with If-Match: a conditional create is the one primitive
 that both S3 and local filesystems offer atomically; many S3-compatible stores lack If-Match writes.
 
@@ -36,6 +41,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional
 
+from dbbatch import faults
 from dbbatch.errors import DbbatchError, LeaseLost
 from dbbatch.storage import join
 
@@ -90,11 +96,54 @@ def describe(doc: dict[str, Any]) -> str:
     return f"{holder_of(doc)}, lease until {_utc(float(doc.get('expires_at', 0)))}"
 
 
+def _read_text(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def process_start(pid: int) -> Optional[str]:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22); None if there is no
+    such process or no /proc. With the boot id it names one process for good, where a pid can be reused."""
+    stat = _read_text(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]  # fields after "pid (comm)": state is field 3, starttime 22
+
+
+def machine_identity() -> dict[str, Optional[str]]:
+    """This boot of this machine and this pid namespace: where a pid means the same process as here."""
+    try:
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pidns = None
+    boot_id = _read_text("/proc/sys/kernel/random/boot_id")
+    if faults.other_machine() and boot_id:
+        boot_id = "other-" + boot_id
+    return {"boot_id": boot_id, "pidns": pidns}
+
+
 def worker_identity(run_id: str) -> dict[str, Any]:
     host = socket.gethostname()
     # In a pod HOSTNAME is the pod's name; POD_NAME (downward API) wins where a pod sets its hostname.
     return {"pod": os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or host, "host": host, "pid": os.getpid(),
-            "run_id": run_id}
+            "run_id": run_id, "started": process_start(os.getpid()), **machine_identity()}
+
+
+def holder_is_dead(holder: dict[str, Any], here: dict[str, Optional[str]], start_of=process_start) -> bool:
+    """Whether the worker `holder` (a lease's holder) is known dead: it ran in this boot and pid namespace
+    (`here`) and its pid is gone or now another process. False whenever that cannot be told from here."""
+    if not here.get("boot_id") or not here.get("pidns"):
+        return False
+    if holder.get("boot_id") != here["boot_id"] or holder.get("pidns") != here["pidns"] or not holder.get("started"):
+        return False
+    try:
+        pid = int(holder["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return start_of(pid) != holder["started"]
 
 
 # -- a held lease ----------------------------------------------------------------------------------------------
@@ -194,6 +243,7 @@ class Leases:
             raise ValueError(f"lease ttl must be at least {MIN_TTL_SECONDS}s")
         self.storage, self.output, self.ttl = storage, output, float(ttl)
         self.holder = worker_identity(run_id)
+        self.machine = machine_identity()
         self.started_at = time.time()
 
     def folder(self, subject_id: str) -> str:
@@ -222,7 +272,10 @@ class Leases:
                     log.warning("%s: lease %s is unreadable; treating it as expired", subject_id,
                                 join(folder, generation_name(gens[-1])))
                 elif is_live(current, time.time()):
-                    return Claim(None, current)
+                    if not holder_is_dead(current.get("holder") or {}, self.machine):
+                        return Claim(None, current)
+                    log.warning("%s: the lease holder %s died (its process is gone); taking the subject over now",
+                                subject_id, holder_of(current))
                 elif unless_failed_since is not None and failed_since(current, unless_failed_since):
                     return Claim(None, current)
             generation = gens[-1] + 1 if gens else 0
@@ -235,7 +288,7 @@ class Leases:
             created = self.storage.create_exclusive(url, json.dumps(doc, indent=2, sort_keys=True).encode())
             if not created and (_read(self.storage, url) or {}).get("token") != doc["token"]:
                 continue  # another worker created this generation first: read who holds it now
-            if current is not None and not current.get("released"):
+            if current is not None and not current.get("released") and not is_live(current, now):
                 log.warning("%s: took over the expired lease of %s", subject_id, describe(current))
             for old in gens[:-1]:  # keep the previous generation as a record of who had it last
                 self.storage.remove(join(folder, generation_name(old)))

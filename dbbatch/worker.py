@@ -28,7 +28,7 @@ import yaml
 
 from dbbatch import __version__, faults, signals
 from dbbatch.errors import DbbatchError, ImageError, InputError, Preempted, StorageError
-from dbbatch.leases import Lease, Leases, describe, failed_since, holder_of, is_live, worker_identity
+from dbbatch.leases import Lease, Leases, describe, failed_since, holder_is_dead, holder_of, is_live, worker_identity
 from dbbatch.manifest import Manifest, Subject
 from dbbatch.storage import Storage, join, redact
 
@@ -109,6 +109,8 @@ class Batch:
             return "done"
         current = self.leases.current(subject.id) if self.leases else None
         if current and is_live(current, time.time()):
+            if holder_is_dead(current.get("holder") or {}, self.leases.machine):
+                return f"leased by {holder_of(current)}, which died; the next run takes it over at once"
             return f"leased by {describe(current)}"
         stage = self.storage.read_json(join(out, STAGE))
         if stage:

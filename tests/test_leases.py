@@ -18,7 +18,7 @@ import pytest
 from conftest import cli_env, draw_subject, run_cli, tiny_manifest
 from dbbatch.errors import LeaseLost
 from dbbatch.leases import Leases, describe, failed_since, grace_seconds, is_live
-from dbbatch.storage import Storage
+from dbbatch.storage import Storage, join
 
 # -- the lease protocol, in-process ---------------------------------------------------------------------------
 
@@ -100,6 +100,40 @@ def test_an_expired_lease_is_taken_over_by_exactly_one_taker_and_its_holder_stop
                                          r"stopped before writing _SUCCESS, nothing written"):
         dead.verify("writing _SUCCESS")
     winners[0].lease.release("done")
+
+
+def test_a_holder_that_died_on_this_machine_is_taken_over_at_once_and_only_then(tmp_path: Path, monkeypatch):
+    """A lease written by a process of this machine that is gone (a real child process, exited) is taken over
+    long before it expires; a live holder, a reused pid and a holder on another machine are not."""
+    from dbbatch import leases as leases_mod
+
+    storage, store = Storage(), str(tmp_path / "out")
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(child.stdout)
+    here = leases_mod.machine_identity()
+    me = leases_mod.worker_identity("run-me")
+    assert here["boot_id"] and here["pidns"] and me["started"], "no /proc here: the test would prove nothing"
+    assert not leases_mod.holder_is_dead(me, here)  # this very process: alive
+    assert not leases_mod.holder_is_dead({**me, "started": "1"}, here, lambda pid: "1")  # same start: alive
+    assert leases_mod.holder_is_dead({**me, "started": "1"}, here)  # pid reused by a younger process (this one)
+    assert not leases_mod.holder_is_dead({**me, "pid": dead_pid, "boot_id": "another"}, here)  # other machine
+    assert not leases_mod.holder_is_dead({**me, "pid": dead_pid, "pidns": "pid:[1]"}, here)  # other pid namespace
+    assert not leases_mod.holder_is_dead({"pod": "p", "pid": dead_pid}, here)  # an old lease without the fields
+
+    held = Leases(storage, store, "run-dead", ttl=60).claim("rex").lease
+    held._stop.set()  # it renews no more ...
+    live = Leases(storage, store, "run-b", ttl=60).claim("rex")
+    assert live.lease is None, "a live holder (this process) was taken over"
+    doc = {**held.doc, "holder": {**held.doc["holder"], "pid": dead_pid}}  # ... and its process is gone
+    storage.write_json(held.url, doc)
+    taken = Leases(storage, store, "run-b", ttl=60).claim("rex")
+    assert taken.lease is not None and taken.lease.doc["generation"] == 1
+    assert taken.lease.doc["acquired_at"] < doc["expires_at"], "it waited for the expiry"
+    taken.lease.release("done")
+    # negative control: the same dead holder seen from another machine is waited for
+    storage.write_json(join(store, "_leases", "kim", "00000000.json"), {**doc, "subject": "kim"})
+    monkeypatch.setenv("DBBATCH_FAULTS", "other_machine")
+    assert Leases(storage, store, "run-c", ttl=60).claim("kim").lease is None
 
 
 def test_a_holder_that_cannot_renew_stops_by_its_own_clock(tmp_path: Path):
@@ -263,15 +297,16 @@ def test_force_refuses_while_another_run_is_publishing_the_subject(tmp_path: Pat
 
 
 def test_a_sigkilled_holder_is_taken_over_after_its_lease_expires_and_training_resumes(tmp_path: Path):
-    """A replacement pod starts beside a live one (it waits), then the old one is SIGKILLed: the replacement takes
-    the subject over once the lease has expired, and resumes from the checkpoint the dead worker stored."""
+    """A replacement pod on another node starts beside a live one (it waits), then the old one is SIGKILLed: the
+    replacement takes the subject over once the lease has expired, and resumes from the checkpoint the dead
+    worker stored. (On one machine the taker would see that the holder died and not wait: next test.)"""
     m = _manifest(tmp_path, "out", SUBJECTS[:1], max_steps=6, checkpoint_every=3)
     work = tmp_path / "work"  # one work dir: the taker also clears the dead worker's scratch
     marker = tmp_path / "paused"
     victim = _start(m, cli_env(DBBATCH_WORK_DIR=str(work), DBBATCH_LEASE_SECONDS="4", DBBATCH_FAULTS="pause_at_step=4",
                                DBBATCH_FAULT_MARKER=str(marker)))
     _wait_for(marker, victim)
-    taker = _start(m, cli_env(DBBATCH_WORK_DIR=str(work)))
+    taker = _start(m, cli_env(DBBATCH_WORK_DIR=str(work), DBBATCH_FAULTS="other_machine"))
     seen = []
     for line in taker.stderr:  # the taker finds the live lease and waits
         seen.append(line)
