@@ -16,6 +16,20 @@ from typing import Any, Iterable
 # Training settings that do not change the result (where and how often state is saved, memory trade-offs),
 # so changing them neither restarts training nor retrains a stored model.
 NEUTRAL_TRAIN = ("checkpoint_every", "checkpoints_keep", "devices", "gradient_checkpointing")
+# Settings added after fingerprints were first recorded, with the value that reproduces the older behaviour:
+# at that value they are left out, so models and checkpoints stored by an older dbbatch still match.
+ADDED_LATER = {"train.method": "full", "priors.source": "images"}
+
+
+def _flat(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+    """{"train.lora": {"rank": 4}} -> {"train.lora.rank": 4}: a change names the one setting that differs."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(_flat(f"{prefix}{k}.", v))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def images_digest(contents: Iterable[bytes]) -> str:
@@ -34,11 +48,16 @@ def subject_fingerprint(subject: Any, resolution: int, model_identity: str, inst
     fp: dict[str, Any] = {"subject": subject.id, "base_model": model_identity, "resolution": resolution,
                           "instance_images": instance_images, "instance_prompt": subject.instance_prompt}
     train = subject.train.model_dump(mode="json")
+    if train["method"] != "lora":
+        train.pop("lora")  # not used by full fine-tuning
     if train["with_prior_preservation"]:
         fp["class_prompt"] = subject.class_prompt
-        fp.update({f"priors.{k}": v for k, v in subject.priors.model_dump(mode="json").items() if k != "batch_size"})
-    fp.update({f"train.{k}": v for k, v in train.items() if k not in skip})
-    return fp
+        priors = subject.priors.model_dump(mode="json")
+        if priors["source"] == "base_model":  # no class images: their settings do not matter
+            priors = {"source": priors["source"]}
+        fp.update({f"priors.{k}": v for k, v in priors.items() if k != "batch_size"})
+    fp.update(_flat("train.", {k: v for k, v in train.items() if k not in skip}))
+    return {k: v for k, v in fp.items() if ADDED_LATER.get(k, object()) != v}
 
 
 def stage_fingerprint(subject: Any, resolution: int, model_identity: str, instance_images: str,

@@ -65,11 +65,52 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+# train.learning_rate when the manifest, the subject and the base model set none (per train.method)
+DEFAULT_LEARNING_RATES = {"full": 5e-6, "lora": 1e-4}
+LORA_PRESETS = ("attention", "attention+ff", "all-linear+conv")
+
+
+class LoraSettings(_Strict):
+    """The LoRA adapters trained on the frozen base model (train.method: lora)."""
+
+    rank: int = Field(16, gt=0, le=1024, description="Rank r of each adapter (B @ A, A: r x in, B: out x r).")
+    alpha: float = Field(16.0, gt=0, description="Scale numerator: an adapter adds (alpha / rank) x B @ A to its layer.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input during training.")
+    target: Union[str, list[str]] = Field(
+        "attention", description="UNet layers that get adapters: attention (to_q/to_k/to_v/to_out.0), attention+ff "
+        "(and the feed-forward layers), all-linear+conv (every linear and conv layer of the down/mid/up blocks), or a "
+        "list of module-name patterns (a name or its dotted tail, e.g. attn2.to_k; * and ? as in globs).")
+    text_encoder: bool = Field(False, description="Also train adapters on the text encoder's attention (q/k/v/out_proj).")
+    init: Literal["gaussian", "default"] = Field(
+        "gaussian", description="A's initialisation (B starts at zero, so training starts from the base model): "
+        "gaussian (std 1/rank) or default (peft's Kaiming-uniform).")
+
+    @field_validator("target")
+    @classmethod
+    def _patterns(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in LORA_PRESETS:
+            close = closest(v, list(LORA_PRESETS))
+            raise ValueError(f"must be a preset ({', '.join(LORA_PRESETS)}) or a list of module-name patterns, got {v!r}"
+                             + (f"; did you mean {close!r}?" if close else ""))
+        if isinstance(v, list):
+            if not v:
+                raise ValueError(f"must name a preset ({', '.join(LORA_PRESETS)}) or at least one module-name pattern")
+            bad = next((p for p in v if not p.strip() or p != p.strip() or p.startswith(".") or p.endswith(".")), None)
+            if bad is not None:
+                raise ValueError(f"{bad!r} is not a module-name pattern (e.g. to_q, attn2.to_k, ff.net.*)")
+        return v
+
+
 class TrainConfig(_Strict):
     """How one subject is fine-tuned."""
 
+    method: Literal["full", "lora"] = Field(
+        "full", description="full: fine-tune the UNet's (and optionally the text encoder's) weights; lora: train "
+        "small LoRA adapters on the frozen base (train.lora), a few MB per subject.")
     max_steps: int = Field(400, gt=0, description="Optimizer steps for this subject.")
-    learning_rate: float = Field(5e-6, gt=0, description="AdamW learning rate for the UNet.")
+    learning_rate: Optional[float] = Field(
+        None, gt=0, description="AdamW learning rate. null: the base model's default for the method if it carries "
+        "one, else 5e-6 for full and 1e-4 for lora; config.yaml records the value used.")
     text_encoder_learning_rate: Optional[float] = Field(
         None, gt=0, description="Learning rate for the text encoder when it is trained (default: learning_rate)."
     )
@@ -92,6 +133,7 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(100, gt=0, description="Write and upload a resumable checkpoint every N steps.")
     checkpoints_keep: int = Field(1, ge=1, description="Stored checkpoints kept; older ones are pruned.")
     devices: Union[Literal["auto"], int] = Field("auto", description="Devices (GPUs) per subject, DDP when > 1.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapters (only with method: lora).")
 
     @field_validator("devices")
     @classmethod
@@ -110,6 +152,10 @@ class PriorConfig(_Strict):
     batch_size: int = Field(4, gt=0, description="Images per forward pass.")
     seed: int = Field(0, ge=0, description="Image i is made with seed + i, so top-ups are deterministic.")
     negative_prompt: str = ""
+    source: Literal["images", "base_model"] = Field(
+        "images", description="What the class-prior loss compares with: images (class images generated with the base "
+        "model, cached) or base_model (the frozen base model's own prediction for the class prompt at each step, "
+        "on the instance latents: no class images; needs train.method lora).")
 
 
 class SampleConfig(_Strict):
@@ -179,14 +225,19 @@ class Manifest(_Strict):
         default_factory=dict, description="Per-protocol fsspec options, e.g. s3: {endpoint_url: ...}. No secrets here."
     )
     output_dtype: Literal["fp32", "fp16"] = Field("fp32", description="Precision of the saved model weights.")
-    model_format: Literal["full", "delta"] = Field(
-        "full", description="full: self-contained diffusers folder; delta: changed components + base reference."
+    model_format: Optional[Literal["full", "delta", "lora"]] = Field(
+        None, description="full: self-contained diffusers folder (with method lora: the adapters merged in, written "
+        "beside lora/); delta: changed components + base reference (method full); lora: only the adapters in lora/ "
+        "(method lora). null: lora for method lora, full otherwise."
     )
     defaults: SubjectSettings = Field(default_factory=SubjectSettings)
     subjects: list[SubjectEntry] = Field(min_length=1)
     # Setting path -> where the base model's carried default came from ("model <base_model> (<file>)"), for
     # the keys `apply_model_defaults` filled into `defaults`; empty when the model carries none.
     _carried: dict[str, str] = PrivateAttr(default_factory=dict)
+    # train.method -> learning rate the base model carries for it (its file's train.learning_rate given per method)
+    _method_lrs: dict[str, float] = PrivateAttr(default_factory=dict)
+    _method_lrs_from: str = PrivateAttr("")
 
 
 class Subject(BaseModel):
@@ -205,6 +256,7 @@ class Subject(BaseModel):
     train: TrainConfig
     priors: PriorConfig
     samples: SampleConfig
+    model_format: str = "full"  # the manifest's model_format, resolved for this subject's train.method
     # Where each tracked setting's value came from: subjects[i], defaults, the base model's file, or dbbatch.
     settings_from: dict[str, str] = Field(default_factory=dict)
 
@@ -302,9 +354,36 @@ def _merged_checks(m: Manifest) -> list[str]:
         where = f"subjects[{i}]"
         if t.lr_warmup_steps >= t.max_steps:
             problems.append(f"{where}.train.lr_warmup_steps: must be < max_steps ({t.max_steps}), got {t.lr_warmup_steps}")
-        if t.with_prior_preservation and subject.priors.num_images == 0:
+        from_images = subject.priors.source == "images"
+        if t.with_prior_preservation and from_images and subject.priors.num_images == 0:
             problems.append(f"{where}.priors.num_images: must be > 0 with train.with_prior_preservation, got 0")
+        if not from_images and not t.with_prior_preservation:
+            problems.append(f"{where}.priors.source: base_model is a kind of prior preservation, but "
+                            "train.with_prior_preservation is false; set it true or remove priors.source")
+        if not from_images and t.method != "lora":
+            problems.append(f"{where}.priors.source: base_model needs train.method lora (the base model's prediction "
+                            "is the adapters switched off); use source: images with method full")
+        if t.method == "full" and _lora_given(m, i):
+            problems.append(f"{where}.train.lora: set, but train.method is full (LoRA settings apply to method lora); "
+                            "set train.method: lora or remove train.lora")
+        if t.method == "lora" and t.train_text_encoder:
+            problems.append(f"{where}.train.train_text_encoder: fine-tunes the whole text encoder, but train.method is "
+                            "lora; set train.lora.text_encoder: true for text-encoder adapters")
+        fmt = m.model_format
+        if t.method == "lora" and fmt == "delta":
+            problems.append(f"model_format: delta stores fine-tuned components, but {where} ({subject.id}) trains LoRA "
+                            "adapters; use model_format lora (the adapters) or full (merged into a full pipeline)")
+        if t.method == "full" and fmt == "lora":
+            problems.append(f"model_format: lora stores LoRA adapters, but {where} ({subject.id}) trains with "
+                            "method full; set train.method: lora or model_format full (or delta)")
     return problems
+
+
+def _lora_given(m: Manifest, i: int) -> bool:
+    """Whether subject i's LoRA settings are its own to check: it sets train.lora itself, or `defaults` set it
+    and the subject does not override train.method (a subject that says `method: full` opts out of them)."""
+    own, given = _set_paths(m.subjects[i]), _set_paths(m.defaults)
+    return "train.lora" in own or ("train.lora" in given and "train.method" not in own)
 
 
 def _merge(base: BaseModel, *overrides: BaseModel) -> dict[str, Any]:
@@ -334,6 +413,7 @@ def apply_model_defaults(m: Manifest, carried: dict[str, Any], origin: str) -> M
     `defaults` wherever the manifest sets nothing: manifest `defaults` and each subject's keys still win."""
     if not carried:
         return m
+    carried, method_lrs = _split_method_lrs(carried, origin)
     try:
         model = SubjectSettings.model_validate(carried)
     except ValidationError as e:
@@ -349,10 +429,27 @@ def apply_model_defaults(m: Manifest, carried: dict[str, Any], origin: str) -> M
         filled[name] = cls(**merged)
     out = m.model_copy(update={"defaults": SubjectSettings(**filled)})
     out._carried = {path: origin for path in _set_paths(model) - _set_paths(d)}
+    if "train.learning_rate" not in _set_paths(d):
+        out._method_lrs, out._method_lrs_from = method_lrs, origin
     problems = _merged_checks(out)
     if problems:
         raise ManifestError(problems, origin)
     return out
+
+
+def _split_method_lrs(carried: dict[str, Any], origin: str) -> tuple[dict[str, Any], dict[str, float]]:
+    """A model's defaults file may give train.learning_rate per method ({"full": 5e-4, "lora": 2e-3}): those
+    apply where the manifest sets no learning rate, by each subject's method. Returns (the rest, that map)."""
+    train = carried.get("train")
+    if not isinstance(train, dict) or not isinstance(train.get("learning_rate"), dict):
+        return carried, {}
+    lrs = train["learning_rate"]
+    bad = [k for k, v in lrs.items() if k not in DEFAULT_LEARNING_RATES or not isinstance(v, (int, float)) or v <= 0]
+    if bad:
+        raise ManifestError([f"train.learning_rate: per-method values must be {{full: <rate>, lora: <rate>}} with rates "
+                             f"> 0; {bad[0]!r} is not"], origin)
+    rest = {**carried, "train": {k: v for k, v in train.items() if k != "learning_rate"}}
+    return rest, {k: float(v) for k, v in lrs.items()}
 
 
 def with_model_defaults(m: Manifest, base_dir: Optional[Path]) -> Manifest:
@@ -375,6 +472,8 @@ def settings_sources(m: Manifest, i: int) -> dict[str, str]:
             out[path] = m._carried[path]
         elif path in given:
             out[path] = "defaults"
+        elif path == "train.learning_rate" and _method(m, i) in m._method_lrs:
+            out[path] = m._method_lrs_from
         else:
             out[path] = "dbbatch"
     return out
@@ -400,13 +499,26 @@ def resolve_subjects(m: Manifest, base_dir: Optional[Path]) -> list[Subject]:
                 resolution=flat["resolution"],
                 instance_prompt=format_prompt(flat["instance_prompt"], s.token, s.class_noun),
                 class_prompt=format_prompt(flat["class_prompt"], s.token, s.class_noun),
-                train=TrainConfig(**_merge(TrainConfig(), d.train, s.train)),
+                train=_resolved_train(m, TrainConfig(**_merge(TrainConfig(), d.train, s.train))),
                 priors=PriorConfig(**_merge(PriorConfig(), d.priors, s.priors)),
                 samples=SampleConfig(**_merge(SampleConfig(), d.samples, s.samples)),
+                model_format=m.model_format or ("lora" if _method(m, i) == "lora" else "full"),
                 settings_from=settings_sources(m, i),
             )
         )
     return out
+
+
+def _method(m: Manifest, i: int) -> str:
+    return TrainConfig(**_merge(TrainConfig(), m.defaults.train, m.subjects[i].train)).method
+
+
+def _resolved_train(m: Manifest, train: TrainConfig) -> TrainConfig:
+    """`train` with learning_rate null replaced by the base model's default for the method, else dbbatch's."""
+    if train.learning_rate is not None:
+        return train
+    lr = m._method_lrs.get(train.method, DEFAULT_LEARNING_RATES[train.method])
+    return train.model_copy(update={"learning_rate": lr})
 
 
 def resolve_location(location: str, base_dir: Path) -> str:

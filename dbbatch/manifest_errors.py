@@ -28,7 +28,8 @@ _TYPE_WORDS = {
     "model_attributes_type": "must be a mapping of keys",
 }
 # Fields that accept several types: one line that names what is accepted, not one line per alternative.
-_UNION_WORDS = {"images": "a folder, a glob or a list of files/URLs", "devices": "'auto' or a number of devices >= 1"}
+_UNION_WORDS = {"images": "a folder, a glob or a list of files/URLs", "devices": "'auto' or a number of devices >= 1",
+                "target": "a preset (attention, attention+ff, all-linear+conv) or a list of module-name patterns"}
 _UNION_TAGS = {"str", "list[str]", "int", "literal['auto']"}
 
 
@@ -144,7 +145,7 @@ def problems_from(exc: ValidationError, root: type[BaseModel]) -> list[str]:
         if deeper:
             problems += [f"{format_loc(e['loc'])}: {_describe(e, root)}" for e in deeper]
         else:
-            accepted = _UNION_WORDS.get(str(base[-1]), " or ".join(sorted({_describe(e, root).split(',')[0] for e in errs})))
+            accepted = _UNION_WORDS.get(str(base[-1]), " or ".join(sorted({_describe(e, root).split(',')[0].removeprefix("must be ") for e in errs})))
             problems.append(f"{format_loc(base)}: must be {accepted}, got {short(errs[0].get('input'))}")
     return list(dict.fromkeys(problems))
 

@@ -168,6 +168,7 @@ class BaseModel:
     source: str  # what the manifest said
     folder: Optional[Path] = None
     _initial: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+    _changed: bool = field(default=False, repr=False)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -182,16 +183,24 @@ class BaseModel:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
     def snapshot(self) -> None:
-        """Keep an in-memory (CPU) copy of the weights that training changes, to restore between subjects."""
+        """Keep an in-memory (CPU) copy of the weights that full fine-tuning changes, to restore between
+        subjects. Taken before the first subject that changes them (a LoRA-only batch never needs one); marks
+        the weights as about to change, so `restore` puts them back."""
+        self._changed = True
+        if self._initial:
+            return
         self._initial = {
             name: {k: v.detach().to("cpu", copy=True) for k, v in getattr(self, name).state_dict().items()}
             for name in ("unet", "text_encoder")
         }
 
     def restore(self) -> None:
-        """Put the base weights back (after a subject trained them); never reloads from disk or the store."""
+        """Put the base weights back (after a subject changed them); never reloads from disk or the store."""
+        if not self._changed:
+            return
         for name, state in self._initial.items():
             getattr(self, name).load_state_dict(state)
+        self._changed = False
 
     def to(self, device: Any) -> "BaseModel":
         for module in (self.unet, self.vae, self.text_encoder):
@@ -372,7 +381,6 @@ def load_folder(folder: Path, source: str, identity: Optional[str] = None) -> Ba
                       scheduler_config=dict(scheduler_config), identity=identity or fingerprint(folder),
                       source=source, folder=folder)
     model.freeze()
-    model.snapshot()
     return model
 
 

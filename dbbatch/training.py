@@ -180,11 +180,17 @@ class TextInputs:
 
 
 class DreamBoothModule(pl.LightningModule):
-    """Holds only what trains (UNet, and the text encoder when trained): its state_dict is the checkpoint."""
+    """Holds only what trains (UNet, and the text encoder when trained): its state_dict is the checkpoint.
+
+    With `adapters_only` (LoRA) the state_dict is the trainable parameters alone (the adapters), so a
+    checkpoint holds no base weights. With `prior_from_base` the class examples' target is the frozen base
+    model's own prediction (the adapters switched off) instead of the noise of a class image."""
 
     def __init__(self, unet: Any, text_encoder: Optional[Any], text: TextInputs, train: Any,
-                 scheduler_config: dict[str, Any], scaling_factor: float, meta: dict[str, Any]):
+                 scheduler_config: dict[str, Any], scaling_factor: float, meta: dict[str, Any],
+                 adapters_only: bool = False, prior_from_base: bool = False):
         super().__init__()
+        self.adapters_only, self.prior_from_base = adapters_only, prior_from_base
         from diffusers import DDPMScheduler
 
         self.unet = unet
@@ -198,14 +204,44 @@ class DreamBoothModule(pl.LightningModule):
         self.losses: list[float] = []
         self.loader: Any = None  # set by fit(): its consumed position goes into checkpoints
 
-    def _encoder_states(self, batch_size: int, with_class: bool) -> torch.Tensor:
-        parts = [self.text.instance.expand(batch_size, *self.text.instance.shape[1:])]
+    def _encoder_states(self, batch_size: int, with_class: bool, only_class: bool = False) -> torch.Tensor:
+        parts = [] if only_class else [self.text.instance.expand(batch_size, *self.text.instance.shape[1:])]
         if with_class:
             parts.append(self.text.klass.expand(batch_size, *self.text.klass.shape[1:]))
         states = torch.cat(parts).to(self.device)
         if self.text.are_ids:
             states = self.text_encoder(states)[0]
         return states.to(self.unet.dtype)
+
+    def _trainable_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        state = super().state_dict(*args, **kwargs)
+        if not self.adapters_only:
+            return state
+        keep, prefix = self._trainable_names(), kwargs.get("prefix", "")
+        for key in [k for k in state if k[len(prefix):] not in keep]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        if not self.adapters_only:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        keep = self._trainable_names()
+        missing, unexpected = sorted(keep - set(state_dict)), sorted(set(state_dict) - keep)
+        if missing or unexpected:  # the fingerprint check refuses other shapes first; this is the backstop
+            raise RuntimeError(f"the checkpoint's adapters do not fit this model: {len(missing)} missing "
+                               f"({missing[:1]}), {len(unexpected)} unexpected ({unexpected[:1]})")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    def _base_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The frozen base model's prediction for the class prompt: the class examples' target."""
+        from dbbatch.lora import adapters_off
+
+        with torch.no_grad(), adapters_off(self.unet, self.text_encoder if self.text.are_ids else None):
+            states = self._encoder_states(batch_size, True, only_class=True)
+            return self.unet(noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=states).sample
 
     def setup(self, stage: str) -> None:
         if self.loader is not None:  # runs in every rank: each one trains its share of the samples
@@ -244,6 +280,8 @@ class DreamBoothModule(pl.LightningModule):
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
+        if with_class and self.prior_from_base:
+            target = torch.cat([target[:n], self._base_prediction(noisy[n:], timesteps[n:], n).to(target.dtype)])
         pred = self.unet(noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=self._encoder_states(n, with_class)).sample
         loss, inst, prior = dreambooth_loss(pred, target, n, self.cfg.prior_loss_weight)
         # Under DDP each rank's loss covers its share of the batch; the mean over ranks is the loss of the whole

@@ -207,6 +207,7 @@ def check_manifest(manifest: Manifest, base_dir: Optional[Path], storage: Any, c
     geometry = model_geometry(manifest.base_model, base_dir, storage, check_remote)
     if geometry is not None:
         found.problems += resolution_problems(manifest, *geometry)
+    found.problems += lora_target_problems(manifest, base_dir, storage, check_remote)
     eight_bit = [s.index for s in resolve_subjects(manifest, None) if s.train.optimizer == "adamw8bit"]
     lacking = adamw8bit_lacks() if eight_bit else None
     if lacking:
@@ -239,6 +240,52 @@ def check_manifest(manifest: Manifest, base_dir: Optional[Path], storage: Any, c
         if problem:
             found.storage.append(problem)
     return found
+
+
+def unet_layers(base_model: str, base_dir: Optional[Path], storage: Any, check_remote: bool) -> Optional[list[str]]:
+    """The names of the UNet's Linear/Conv2d layers, from its config alone (built on the meta device: no
+    weights), or None when the config is not reachable here."""
+    from dbbatch.lora import adaptable_layers
+    from dbbatch.models import ARCHS, PRETRAINED, resolve_source
+
+    kind, where = resolve_source(base_model, base_dir)
+    if kind == "builtin" and where in PRETRAINED:
+        kind, where = "local", str(PRETRAINED[where])
+    if kind == "builtin":
+        config = ARCHS[where]["unet"] if where in ARCHS else None
+    else:
+        try:
+            config = _read_config(kind, where, "unet/config.json", storage, check_remote)
+        except (DbbatchError, ValueError):
+            return None  # reported by the model checks
+    if config is None:
+        return None
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config)
+    return adaptable_layers(unet)
+
+
+def lora_target_problems(manifest: Manifest, base_dir: Optional[Path], storage: Any, check_remote: bool) -> list[str]:
+    """`train.lora.target` patterns that match no layer of the base model's UNet, named where they were set."""
+    from dbbatch.lora import target_problem
+
+    subjects = [s for s in resolve_subjects(manifest, None) if s.train.method == "lora"]
+    if not subjects:
+        return []
+    layers = unet_layers(manifest.base_model, base_dir, storage, check_remote)
+    if layers is None:
+        return []
+    problems = {}
+    for s in subjects:
+        own = "target" in manifest.subjects[s.index].train.lora.model_fields_set and "lora" in manifest.subjects[s.index].train.model_fields_set
+        where = f"subjects[{s.index}]" if own else "defaults"
+        problem = target_problem(f"{where}.train.lora.target", layers, s.train.lora.target)
+        if problem:
+            problems.setdefault(where, problem)
+    return list(problems.values())
 
 
 def adamw8bit_lacks() -> Optional[str]:

@@ -237,8 +237,18 @@ class Batch:
         finally:
             faults.set_subject(None)
             if self._model is not None:
-                self._model.restore()
-                self._model.freeze()
+                self.reset_model()
+
+    def reset_model(self) -> float:
+        """Put the base model back as loaded for the next subject: remove LoRA adapters, restore weights a full
+        fine-tune changed (from the in-memory snapshot). Returns the seconds it took (bench.run reports them)."""
+        from dbbatch.lora import detach
+
+        started = time.monotonic()
+        detach(self._model)
+        self._model.restore()
+        self._model.freeze()
+        return time.monotonic() - started
 
     def write_report(self, results: list[SubjectResult], extra: dict[str, Any]) -> dict[str, Any]:
         worker = self.leases.holder if self.leases else worker_identity(self.opts.run_id)
@@ -303,14 +313,15 @@ class SubjectRun:
             instance_images = self.load_instance_images()
             self._timed("images", t)
             t = time.monotonic()
-            klass = self.class_latents() if self.s.train.with_prior_preservation else None
+            from_images = self.s.priors.source == "images"
+            klass = self.class_latents() if self.s.train.with_prior_preservation and from_images else None
             self._timed("priors", t)
             signals.check(f"{self.s.id} before training")
             t = time.monotonic()
             train_metrics = self.train(instance_images, klass)
             self._timed("train", t)
             t = time.monotonic()
-            self.publish_model()
+            train_metrics.update(self.publish_model(train_metrics["steps"]))
             self.confirm_lease(f"writing {STAGE}")
             self.storage.write_json(join(self.out, STAGE), {"stage": "trained", "train": train_metrics,
                                                             "fingerprint": self.fingerprint(stage=True),
@@ -377,7 +388,7 @@ class SubjectRun:
         identity = self.b.model.identity
         if stage:
             return stage_fingerprint(self.s, self.resolution, identity, self.images_digest, self.b.manifest.output_dtype,
-                                     self.b.manifest.model_format)
+                                     self.s.model_format)
         return subject_fingerprint(self.s, self.resolution, identity, self.images_digest, RESUME_SETTINGS)
 
     def stored_model_matches(self, stage: dict[str, Any]) -> bool:
@@ -408,7 +419,7 @@ class SubjectRun:
         log.warning("%s: the stored model was trained with other settings: %s; training again (its model/ and "
                     "samples/ are removed)", self.s.id, ", ".join(changed))
         self.confirm_lease("removing the outdated model")
-        for name in (STAGE, "model", "samples"):
+        for name in (STAGE, "model", "lora", "samples"):
             self.storage.remove(join(self.out, name), recursive=name != STAGE)
         return False
 
@@ -443,22 +454,42 @@ class SubjectRun:
             if lacking := adamw8bit_lacks():
                 raise InputError(f"subject {self.s.id}: train.optimizer adamw8bit needs {lacking}; use adamw")
         instance = latent_stats(model.vae, to_tensor(instance_images))
+        prior_from_base = cfg.with_prior_preservation and self.s.priors.source == "base_model"
+        if prior_from_base:
+            klass = instance  # no class images: the class prompt on the instance latents (README: priors.source)
+            self.priors_generated = 0
         with_class = klass is not None
-        if cfg.train_text_encoder:
+        lora = cfg.method == "lora"
+        if lora:
+            from dbbatch.lora import attach
+
+            self.trainable_parameters = attach(model, cfg.lora, cfg.seed, self.s.id)
+            text_trained = cfg.lora.text_encoder
+        else:
+            model.snapshot()  # the base weights, to restore once this subject is done (first time only)
+            text_trained = cfg.train_text_encoder
+        if text_trained:
             ids = lambda p: model.tokenizer([p], padding="max_length", max_length=model.tokenizer.model_max_length,  # noqa: E731
                                             truncation=True, return_tensors="pt").input_ids
             text = TextInputs(ids(self.s.instance_prompt), ids(self.s.class_prompt) if with_class else None, are_ids=True)
-            model.text_encoder.requires_grad_(True).train()
+            model.text_encoder.train()
+            if not lora:
+                model.text_encoder.requires_grad_(True)
         else:
             text = TextInputs(encode_prompts(model, [self.s.instance_prompt], self.b.device).cpu(),
                               encode_prompts(model, [self.s.class_prompt], self.b.device).cpu() if with_class else None, are_ids=False)
-        model.unet.requires_grad_(True).train()
+        model.unet.train()
+        if not lora:
+            model.unet.requires_grad_(True)
+            trained = [model.unet] + ([model.text_encoder] if text_trained else [])
+            self.trainable_parameters = sum(p.numel() for m in trained for p in m.parameters())
         if cfg.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
         fingerprint = self.fingerprint()
         meta = {"base_model": model.identity, "subject": self.s.id, "train": cfg.model_dump(), "fingerprint": fingerprint}
-        module = DreamBoothModule(model.unet, model.text_encoder if cfg.train_text_encoder else None, text, cfg,
-                                  model.scheduler_config, model.vae.config.scaling_factor, meta)
+        module = DreamBoothModule(model.unet, model.text_encoder if text_trained else None, text, cfg,
+                                  model.scheduler_config, model.vae.config.scaling_factor, meta,
+                                  adapters_only=lora, prior_from_base=prior_from_base)
         loader = make_loader(LatentPairs(instance, klass), cfg.batch_size, cfg.seed)
 
         ckpt_remote = join(self.out, "checkpoints")
@@ -487,33 +518,61 @@ class SubjectRun:
             "mean_loss": sum(losses) / len(losses) if losses else None, "loss_curve": losses,
             "resumed_from_step": resumed_from, "checkpoint_seconds": result.checkpoint_seconds,
             "checkpoint_bytes": result.checkpoint_bytes, "priors_generated": getattr(self, "priors_generated", 0),
-            "instance_images": len(instance_images),
+            "instance_images": len(instance_images), "method": cfg.method, "trainable_parameters": self.trainable_parameters,
         }
 
-    def publish_model(self) -> None:
-        """The fine-tuned pipeline as a diffusers folder (safetensors), uploaded before the stage is recorded."""
+    def publish_model(self, steps: int) -> dict[str, Any]:
+        """The fine-tuned model, uploaded before the stage is recorded: a diffusers folder (model/, full or delta)
+        and, for LoRA, the adapters in lora/ (model/ then holds them merged in, with model_format full).
+        Returns the output's size for metrics.json."""
         import torch
 
         from dbbatch.models import save_folder, save_delta
 
         model = self.b.model
-        local = self.work / "model"
         dtype = torch.float16 if self.b.manifest.output_dtype == "fp16" else None
-        if self.b.manifest.model_format == "delta":
-            save_delta(model, local, self.s.train.train_text_encoder, dtype)
-        else:
+        fmt, lora = self.s.model_format, self.s.train.method == "lora"
+        folders: list[str] = []
+        if lora:
+            from dbbatch.lora_export import write_lora_folder
+
+            write_lora_folder(model, self.s, self.work / "lora", steps, dtype, self.resolution)
+            folders.append("lora")
+        if fmt == "delta":
+            save_delta(model, self.work / "model", self.s.train.train_text_encoder, dtype)
+            folders.append("model")
+        elif fmt == "full":
             from diffusers import DDIMScheduler
 
-            comps = dict(unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+            unet, text_encoder = model.unet, model.text_encoder
+            if lora:
+                from dbbatch.lora import merged_copy
+
+                unet = merged_copy(unet)
+                text_encoder = merged_copy(text_encoder) if self.s.train.lora.text_encoder else text_encoder
+            comps = dict(unet=unet, vae=model.vae, text_encoder=text_encoder, tokenizer=model.tokenizer,
                          scheduler=DDIMScheduler.from_config(model.scheduler_config))
-            save_folder(comps, local, dtype)
-        self.holds_lease("uploading the model")
-        self.storage.upload_tree(local, join(self.out, "model"))
+            save_folder(comps, self.work / "model", dtype)
+            del unet, text_encoder, comps
+            folders.append("model")
+        files = {f"{name}/{p.relative_to(self.work / name)}": p.stat().st_size
+                 for name in folders for p in sorted((self.work / name).rglob("*")) if p.is_file()}
+        for name in folders:
+            self.holds_lease(f"uploading {name}/")
+            self.storage.upload_tree(self.work / name, join(self.out, name))
+        return {"output_bytes": sum(files.values()), "output_files": files}
 
     def load_trained_weights(self) -> None:
         from safetensors.torch import load_file
 
         model = self.b.model
+        if self.s.train.method == "lora":
+            from dbbatch.lora_export import DIFFUSERS_FILE, load_lora_folder
+
+            local = self.storage.fetch(join(self.out, "lora", DIFFUSERS_FILE), self.work / "trained" / "lora" / DIFFUSERS_FILE)
+            load_lora_folder(model, local.parent)
+            return
+        model.snapshot()
         for name in ("unet", "text_encoder") if self.s.train.train_text_encoder else ("unet",):
             folder = join(self.out, "model", name)
             for url in self.storage.list_files(folder):
@@ -574,13 +633,15 @@ class SubjectRun:
             "subject": self.s.model_dump(mode="json"), "resolution": self.resolution,
             "base_model": self.b.manifest.base_model, "base_model_identity": self.b.model.identity,
             "output": self.b.opts.output, "output_dtype": self.b.manifest.output_dtype,
-            "model_format": self.b.manifest.model_format,
+            "model_format": self.s.model_format,
             "storage_options": redact(self.b.manifest.storage_options),
         }
         self.storage.write_text(join(self.out, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
         metrics = {**train_metrics, "seconds": self.seconds, "versions": versions(), "run_id": self.b.opts.run_id,
                    "device": str(self.b.device), "resolution": self.resolution}
         self.storage.write_json(join(self.out, "metrics.json"), metrics)
+        if self.s.train.method == "lora":
+            self.model_card(train_metrics)
         self.confirm_lease(f"writing {SUCCESS}")
         self.storage.remove_partials(self.out)  # left by a killed earlier attempt; see Storage.remove_partials
         self.storage.write_text(join(self.out, SUCCESS), f"{self.b.opts.run_id}\n")
@@ -592,7 +653,19 @@ class SubjectRun:
         return metrics
 
 
-SCRATCH_COPIES = ("resume", "checkpoints", "trained", "model", "model.tmp")
+    def model_card(self, train_metrics: dict[str, Any]) -> None:
+        """lora/README.md and the sample grid beside it: the folder is what a user uploads to a model hub."""
+        from dbbatch.lora_export import model_card
+
+        self.holds_lease("writing the model card")
+        grid = join(self.out, "samples", "grid.png")
+        self.storage.write_bytes(join(self.out, "lora", "grid.png"), self.storage.read_bytes(grid))
+        files = {k.split("/", 1)[1]: v for k, v in train_metrics.get("output_files", {}).items() if k.startswith("lora/")}
+        card = model_card(self.s, self.b.model, train_metrics["steps"], files, "grid.png")
+        self.storage.write_text(join(self.out, "lora", "README.md"), card)
+
+
+SCRATCH_COPIES = ("resume", "checkpoints", "trained", "model", "model.tmp", "lora")
 
 
 def drop_scratch_copies(work: Path) -> None:

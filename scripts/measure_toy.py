@@ -94,22 +94,30 @@ def run_dreambooth(work: Path, seeds: list[int], env: dict[str, str]) -> Path:
 
 def subject_scores(model: Any, model_dir: Path, sample_seeds: list[int], steps: int = 25, guidance: float = 7.5,
                    token_prompt: str = TOKEN_PROMPT, class_prompt: str = CLASS_PROMPT) -> dict[str, float]:
-    """Load one fine-tuned model's weights into `model` (restored after) and read its samples."""
+    """Load one fine-tuned model's weights into `model` (restored after) and read its samples. `model_dir` is
+    a subject's model/ folder (full fine-tuning) or its lora/ folder (the adapters are attached, then removed)."""
     from diffusers import UNet2DConditionModel
 
+    from dbbatch import lora
+    from dbbatch.lora_export import DIFFUSERS_FILE, load_lora_folder
     from dbbatch.sampling import generate
 
-    model.unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(model_dir / "unet")).state_dict())
-    if (model_dir / "text_encoder").is_dir():
-        from transformers import CLIPTextModel
+    if (model_dir / DIFFUSERS_FILE).is_file():
+        load_lora_folder(model, model_dir)
+    else:
+        model.snapshot()
+        model.unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(model_dir / "unet")).state_dict())
+        if (model_dir / "text_encoder").is_dir():
+            from transformers import CLIPTextModel
 
-        model.text_encoder.load_state_dict(CLIPTextModel.from_pretrained(str(model_dir / "text_encoder")).state_dict())
+            model.text_encoder.load_state_dict(CLIPTextModel.from_pretrained(str(model_dir / "text_encoder")).state_dict())
     try:
         jobs = [(kind, bg, seed) for kind in ("token", "class") for bg in TEST_BACKGROUNDS for seed in sample_seeds]
         prompts = [(token_prompt if kind == "token" else class_prompt).format(background=bg) for kind, bg, _ in jobs]
         imgs = [np.asarray(im) for im in generate(model, prompts, [s for _, _, s in jobs], toyworld.SIZE, steps,
                                                   guidance, batch_size=len(prompts))]
     finally:
+        lora.detach(model)
         model.restore()
     out: dict[str, list[bool]] = {}
     for (kind, bg, _), img in zip(jobs, imgs):

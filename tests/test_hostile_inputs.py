@@ -232,6 +232,34 @@ MANIFEST_CASES = [
         "m.yaml: base_model './broken': the tokenizer in {dir}/broken/tokenizer cannot be loaded (Error while "
         "initializing BPE: expected value at line 1 column 1); the folder is incomplete or damaged: save the pipeline again"],
         setup=broken_tokenizer_folder),
+    # train.method lora and priors.source (issue 12)
+    ManifestCase("lora-rank-zero", doc(subject(train={"method": "lora", "lora": {"rank": 0}})), 2, [
+        "m.yaml: subjects[0].train.lora.rank: must be > 0, got 0"]),
+    ManifestCase("lora-alpha-negative", doc(defaults={"train": {"method": "lora", "lora": {"alpha": -1}}}), 2, [
+        "m.yaml: defaults.train.lora.alpha: must be > 0.0, got -1"]),
+    ManifestCase("lora-target-matches-nothing", doc(subject(train={"method": "lora", "lora": {"target": ["to_q", "attn3.to_k"]}})), 2, [
+        "m.yaml: subjects[0].train.lora.target: pattern 'attn3.to_k' matches no layer of the base model's UNet; did you "
+        "mean 'attn2.to_k'? (layer names end in e.g. to_q, to_out.0, ff.net.2, proj_in, conv1; presets: attention, "
+        "attention+ff, all-linear+conv)"]),
+    ManifestCase("lora-target-preset-typo", doc(subject(train={"method": "lora", "lora": {"target": "atention"}})), 2, [
+        "m.yaml: subjects[0].train.lora.target: must be a preset (attention, attention+ff, all-linear+conv) or a list of "
+        "module-name patterns, got 'atention'; did you mean 'attention'?"]),
+    ManifestCase("lora-keys-with-method-full", doc(subject(train={"lora": {"rank": 4}})), 2, [
+        "m.yaml: subjects[0].train.lora: set, but train.method is full (LoRA settings apply to method lora); set "
+        "train.method: lora or remove train.lora"]),
+    ManifestCase("lora-with-train-text-encoder", doc(subject(train={"method": "lora", "train_text_encoder": True})), 2, [
+        "m.yaml: subjects[0].train.train_text_encoder: fine-tunes the whole text encoder, but train.method is lora; set "
+        "train.lora.text_encoder: true for text-encoder adapters"]),
+    ManifestCase("prior-from-base-without-prior-preservation",
+                 doc(subject(train={"method": "lora", "with_prior_preservation": False}, priors={"source": "base_model"})), 2, [
+        "m.yaml: subjects[0].priors.source: base_model is a kind of prior preservation, but "
+        "train.with_prior_preservation is false; set it true or remove priors.source"]),
+    ManifestCase("prior-from-base-with-method-full", doc(subject(priors={"source": "base_model"})), 2, [
+        "m.yaml: subjects[0].priors.source: base_model needs train.method lora (the base model's prediction is the "
+        "adapters switched off); use source: images with method full"]),
+    ManifestCase("model-format-delta-with-lora", doc(subject(train={"method": "lora"}), model_format="delta"), 2, [
+        "m.yaml: model_format: delta stores fine-tuned components, but subjects[0] (rex) trains LoRA adapters; use "
+        "model_format lora (the adapters) or full (merged into a full pipeline)"]),
     ManifestCase("images-empty-folder", doc(subject(images="empty/")), 2, [
         "m.yaml: subjects[0].images: no image files at {dir}/empty/: the folder is empty or missing, or the pattern "
         "matches nothing; put photos (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp) there or fix the subject's "

@@ -86,5 +86,30 @@ def test_toy_sd_carries_its_defaults_and_validate_prints_them(tmp_path: Path):
     proc = run_cli("validate", str(path), "--no-check-remote", "--show-settings")
     assert proc.returncode == 0, proc.stderr
     lines = [x for x in proc.stdout.splitlines() if x.startswith("a\t")]
-    assert f"a\ttrain.learning_rate = {carried['train']['learning_rate']}\t(from model builtin:toy-sd ({where}))" in lines
+    assert f"a\ttrain.learning_rate = {carried['train']['learning_rate']['full']}\t(from model builtin:toy-sd ({where}))" in lines
     assert f"a\tresolution = {carried['resolution']}\t(from model builtin:toy-sd ({where}))" in lines
+
+
+def test_learning_rate_null_resolves_per_method_from_the_model_then_dbbatch():
+    """train.learning_rate null: the base model's rate for the subject's method, else 5e-6 (full) / 1e-4 (lora);
+    a rate the manifest sets wins over both."""
+    from dbbatch.manifest import apply_model_defaults
+
+    def subjects(**defaults_train):
+        m = parse_manifest(yaml.safe_dump({"output": "o", "defaults": {"train": defaults_train} if defaults_train else {},
+                                           "subjects": [{"id": "a", "token": "sks", "class_noun": "dog", "images": "x/"},
+                                                        {"id": "b", "token": "sks", "class_noun": "dog", "images": "x/",
+                                                         "train": {"method": "lora"}}]}))
+        return m
+
+    plain = resolve_subjects(subjects(), None)
+    assert [s.train.learning_rate for s in plain] == [5e-6, 1e-4]
+    carried = {"train": {"learning_rate": {"full": 5e-4, "lora": 3e-3}}}
+    with_model = apply_model_defaults(subjects(), carried, "model m (f.json)")
+    got = resolve_subjects(with_model, None)
+    assert [s.train.learning_rate for s in got] == [5e-4, 3e-3]
+    assert [s.settings_from["train.learning_rate"] for s in got] == ["model m (f.json)"] * 2
+    own = resolve_subjects(apply_model_defaults(subjects(learning_rate=2e-4), carried, "model m (f.json)"), None)
+    assert [s.train.learning_rate for s in own] == [2e-4, 2e-4]
+    with pytest.raises(ManifestError, match=r"train.learning_rate: per-method values must be"):
+        apply_model_defaults(subjects(), {"train": {"learning_rate": {"lora": -1}}}, "model m (f.json)")
