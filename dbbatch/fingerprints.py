@@ -73,7 +73,7 @@ def changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key (old -> new)' for every entry that differs, in key order; empty when they match."""
     out = []
     for key in sorted(set(recorded) | set(current)):
-        old, new = recorded.get(key, "unset"), current.get(key, "unset")
+        old, new = recorded.get(key, ADDED_LATER.get(key, "unset")), current.get(key, ADDED_LATER.get(key, "unset"))
         if old != new:
             out.append(f"{key} ({_short(old)} -> {_short(new)})")
     return out
