@@ -67,6 +67,10 @@ class Plan:
     model_format: str = "full"
     in_memory: bool = False  # build the base model in memory instead of writing and loading a folder
     target_seconds_per_step: Optional[float] = None
+    method: str = "full"  # train.method
+    lora_rank: int = 16  # train.lora.rank (= alpha) with method lora
+    prior_source: str = "images"  # priors.source
+    checkpoint_every: Optional[int] = None  # None: no checkpoint inside the run
 
 
 PLANS = {
@@ -81,6 +85,19 @@ PLANS = {
                  in_memory=True),
 }
 DEFAULT_ARCHS = ("tiny", "small")
+# --methods: training methods compared on each architecture (issue 12), each with one checkpoint mid-run
+METHODS = {"full": {}, "lora4": {"method": "lora", "lora_rank": 4}, "lora16": {"method": "lora", "lora_rank": 16},
+           "lora64": {"method": "lora", "lora_rank": 64},
+           "lora16-base": {"method": "lora", "lora_rank": 16, "prior_source": "base_model"}}
+
+
+def method_plan(plan: Plan, name: str) -> Plan:
+    """`plan` trained with method variant `name` (METHODS); full keeps the plan's output format."""
+    v = METHODS[name]
+    lora = v.get("method") == "lora"
+    return replace(plan, arch=f"{plan.arch}/{name}", checkpoint_every=max(1, plan.max_steps // 2),
+                   model_format="lora" if lora else plan.model_format,
+                   target_seconds_per_step=None if lora else plan.target_seconds_per_step, **v)
 
 
 def quick(plan: Plan) -> Plan:
@@ -122,11 +139,14 @@ def write_manifest(path: Path, plan: Plan, output: Path, subject_dirs: list[Path
         "output_dtype": plan.output_dtype, "model_format": plan.model_format,
         "defaults": {
             "resolution": plan.resolution,
-            "train": {"max_steps": plan.max_steps, "batch_size": 1, "learning_rate": 5e-6,
+            "train": {"max_steps": plan.max_steps, "batch_size": 1, "learning_rate": 5e-6 if plan.method == "full" else 1e-4,
                       "mixed_precision": plan.mixed_precision,
-                      # no checkpoint inside the run: their cost is the storage's, measured by the resume tests
-                      "checkpoint_every": plan.max_steps + 1},
-            "priors": {"num_images": plan.prior_images, "steps": plan.prior_steps, "batch_size": 8},
+                      # by default no checkpoint inside the run: their cost is the storage's (resume tests)
+                      "checkpoint_every": plan.checkpoint_every or plan.max_steps + 1,
+                      "method": plan.method,
+                      **({"lora": {"rank": plan.lora_rank, "alpha": plan.lora_rank}} if plan.method == "lora" else {})},
+            "priors": {"num_images": plan.prior_images, "steps": plan.prior_steps, "batch_size": 8,
+                       "source": plan.prior_source},
             "samples": {"prompts": ["a photo of {token} {class_noun} on the beach"],
                         "seeds": list(range(plan.sample_seeds)), "steps": plan.sample_steps, "batch_size": 8,
                         "include_class_prompt": True},
@@ -208,7 +228,11 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
         "train_phase_s": sec.get("train", 0.0),
         "sample_img_per_s": samples_per_subject / sec["sample"] if sec.get("sample") else 0.0,
         "publish_s": sec.get("publish", 0.0), "peak_rss_mib": first["peak_rss_mib"],
-        "params_m": first.get("params_m"),
+        "params_m": first.get("params_m"), "method": plan.get("method", "full"),
+        "trainable_params": m.get("trainable_parameters"), "checkpoint_bytes": (m.get("checkpoint_bytes") or [None])[0],
+        "output_bytes": m.get("output_bytes"),
+        "reset_s": statistics.mean(r for b in run["batches"].values() for r in b.get("reset_seconds", [])) if any(
+            b.get("reset_seconds") for b in run["batches"].values()) else None,
     }
     cuda = first.get("cuda")
     if cuda:
@@ -266,8 +290,9 @@ def checks(run: dict[str, Any], summary: dict[str, Any], enforce_targets: bool) 
             add("sanity", f"batch {n} {s['id']}: trained {plan['max_steps']} steps, one event per step", steps_ok,
                 f"steps {m['steps']}, step intervals {len(s.get('step_seconds', []))}")
             zero = [k for k in ("images", "priors", "train", "sample", "publish") if not sec.get(k, 0) > 0]
-            # later subjects reuse the class latents, which can round to 0.000 s: only the first must show priors
-            if s is not b["subjects"][0] and zero == ["priors"]:
+            # later subjects reuse the class latents, which can round to 0.000 s: only the first must show priors;
+            # priors.source base_model makes none
+            if (s is not b["subjects"][0] or plan.get("prior_source") == "base_model") and zero == ["priors"]:
                 zero = []
             add("sanity", f"batch {n} {s['id']}: every phase above zero", not zero, f"zero: {zero}" if zero else "ok")
             phases = sum(sec.values())
@@ -281,8 +306,9 @@ def checks(run: dict[str, Any], summary: dict[str, Any], enforce_targets: bool) 
                 add("sanity", f"batch {n} {s['id']}: median step x steady steps fits the training phase",
                     median * (len(steps) - WARMUP_STEPS) <= sec["train"], f"{median:.3f}s x {len(steps) - WARMUP_STEPS} vs {sec['train']:.2f}s")
         generated = [m["priors_generated"] if m else None for m in b["metrics"]]
-        add("sanity", f"batch {n}: class priors generated once per batch", generated == [plan["prior_images"]] + [0] * (n - 1),
-            f"generated per subject {generated}")
+        first_makes = 0 if plan.get("prior_source") == "base_model" else plan["prior_images"]
+        add("sanity", f"batch {n}: class priors generated once per batch (none from the base model)",
+            generated == [first_makes] + [0] * (n - 1), f"generated per subject {generated}")
         add("sanity", f"batch {n}: wall time covers its subjects",
             b["wall_seconds"] >= sum(s["seconds"] for s in b["subjects"]), f"{b['wall_seconds']:.1f}s")
     sps = summary["s_per_step"]
@@ -345,6 +371,17 @@ def print_tables(summaries: list[dict[str, Any]]) -> None:
                     f"{b['peak_rss_mib']:.0f}", f"{b['rss_vs_1']:.3f}x", _f(b["peak_gpu_mib"], "{:.0f}"))
             print("".join(str(v).rjust(max(9, len(h) + 2)) for v, h in zip(vals, head)))
     print()
+    if len({s.get("method") for s in summaries}) > 1 or any(s.get("method") == "lora" for s in summaries):
+        head = ("arch/method", "trainable", "s/step", "peak RSS MiB", "ckpt bytes", "output bytes", "s/subject (4)",
+                "reset s")
+        print("".join(h.rjust(max(10, len(h) + 2)) for h in head))
+        for s in summaries:
+            four = next((b for b in s["batches"] if b["subjects"] == 4), s["batches"][-1])
+            vals = (s["arch"], _f(s.get("trainable_params"), "{:,.0f}"), f"{s['s_per_step']:.3f}", f"{s['peak_rss_mib']:.0f}",
+                    _f(s.get("checkpoint_bytes"), "{:,.0f}"), _f(s.get("output_bytes"), "{:,.0f}"),
+                    f"{four['s_per_subject']:.2f}", _f(s.get("reset_s"), "{:.4f}"))
+            print("".join(str(v).rjust(max(10, len(h) + 2)) for v, h in zip(vals, head)))
+        print()
 
 
 def _f(v: Optional[float], fmt: str = "{:.2f}") -> str:
@@ -358,6 +395,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="few steps, batches of 1 and 2, sanity checks only")
     ap.add_argument("--batches", help="comma-separated batch sizes, overriding the plan's (e.g. 1,4)")
     ap.add_argument("--steps", type=int, help="training steps per subject, overriding the plan's")
+    ap.add_argument("--methods", help=f"comma-separated training methods to compare per architecture ({', '.join(METHODS)}); "
+                    "each run stores one checkpoint mid-run and defaults to batches of 1 and 4")
     ap.add_argument("--json", type=Path, help="also write every number here")
     ap.add_argument("--keep", type=Path, help="keep the benchmark's files here (default: a temporary folder, removed)")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -368,6 +407,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     plans = [PLANS[a] for a in (args.arch or DEFAULT_ARCHS)]
     if args.quick:
         plans = [quick(p) for p in plans]
+    if args.methods:
+        names = args.methods.split(",")
+        unknown = [n for n in names if n not in METHODS]
+        if unknown:
+            ap.error(f"--methods: unknown {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        plans = [replace(method_plan(p, n), batches=p.batches if args.quick else (1, 4)) for p in plans for n in names]
     if args.batches:
         plans = [replace(p, batches=tuple(int(x) for x in args.batches.split(","))) for p in plans]
     if args.steps:
@@ -451,6 +496,7 @@ def child_main(spec_path: Path) -> int:
         seconds = time.monotonic() - started
         result["subjects"].append({"id": r.id, "status": r.status, "message": r.message, "seconds": seconds,
                                    "step_seconds": step_intervals(Path(out) / r.id / "logs")})
+    result["reset_seconds"] = batch.reset_seconds
     if torch.cuda.is_available():
         result["cuda"] = cuda_numbers()
     if spec.get("count_flops"):
@@ -474,7 +520,6 @@ def preload_in_memory(batch: Any, plan: Plan) -> None:
                       scheduler_config=dict(SCHEDULER_CONFIG), identity=f"builtin:{name}:v{BUILTIN_VERSION}:seed{BUILTIN_SEED}",
                       source=plan.base_model)
     model.freeze()
-    model.snapshot()
     batch.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch._model = model.to(batch.device)
     batch.model_load_seconds = time.monotonic() - started

@@ -121,7 +121,16 @@ def pipeline_of(model: Any) -> Any:
 
 def load_lora_folder(model: Any, folder: Path) -> None:
     """Attach the adapters stored in `folder` (the diffusers file) to `model`, as a user's pipeline does."""
-    pipeline_of(model).load_lora_weights(str(folder), weight_name=DIFFUSERS_FILE, adapter_name=ADAPTER)
+    import logging
+
+    # diffusers warns "No LoRA keys associated to CLIPTextModel" for every adapter without a text-encoder part
+    quiet = logging.getLogger("diffusers.loaders.lora_base")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        pipeline_of(model).load_lora_weights(str(folder), weight_name=DIFFUSERS_FILE, adapter_name=ADAPTER)
+    finally:
+        quiet.setLevel(level)
 
 
 def model_card(subject: Any, model: Any, steps: int, files: dict[str, int], grid: Optional[str]) -> str:

@@ -82,6 +82,7 @@ class Batch:
         self.manifest, self.base_dir, self.storage, self.opts, self.reporter = manifest, base_dir, storage, options, reporter
         self._model: Any = None
         self._class_latents: dict[str, Any] = {}  # prior key -> (mean, std): encoded once per batch
+        self.reset_seconds: list[float] = []  # putting the base model back after each subject (bench/run.py)
         self.device: Any = None
         self.leases = Leases(storage, options.output, options.run_id, options.lease_seconds) if options.leases else None
         # Scratch of this process only: two workers sharing a work dir never touch each other's files.
@@ -237,7 +238,7 @@ class Batch:
         finally:
             faults.set_subject(None)
             if self._model is not None:
-                self.reset_model()
+                self.reset_seconds.append(self.reset_model())
 
     def reset_model(self) -> float:
         """Put the base model back as loaded for the next subject: remove LoRA adapters, restore weights a full

@@ -65,6 +65,22 @@ def prompt_following(model: Any, per_triple: int = 4, steps: int = 25, guidance:
             "both": float(np.mean([a and b for a, b in zip(bg, fg)]))}
 
 
+# LoRA (train.method lora, the model's carried rate and steps): prior preservation from class images, from the
+# base model's own prediction (priors.source base_model), and off
+LORA_VARIANTS = {"images": {}, "base_model": {"priors": {"source": "base_model"}},
+                 "off": {"train": {"with_prior_preservation": False}}}
+
+
+def lora_subjects(photos: Path, seeds: list[int]) -> list[dict[str, Any]]:
+    out = []
+    for seed in seeds:
+        for name, extra in LORA_VARIANTS.items():
+            train = {"method": "lora", "seed": seed, **extra.get("train", {})}
+            out.append({"id": f"lora-seed{seed}-{name.replace('_', '')}", "token": "sks", "class_noun": SUBJECT_SHAPE,
+                        "images": str(photos), "train": train, **({"priors": extra["priors"]} if "priors" in extra else {})})
+    return out
+
+
 def run_ids(seeds: list[int]) -> list[tuple[str, int, bool]]:
     return [(f"seed{s}-{'prior' if p else 'noprior'}", s, p) for s in seeds for p in (True, False)]
 
@@ -80,11 +96,17 @@ def dreambooth_manifest(path: Path, output: Path, photos: Path, seeds: list[int]
     return path
 
 
-def run_dreambooth(work: Path, seeds: list[int], env: dict[str, str]) -> Path:
-    """Draw the photos, `dbbatch run` every (seed, prior) subject; returns the output folder."""
+def run_dreambooth(work: Path, seeds: list[int], env: dict[str, str], lora: bool = False) -> Path:
+    """Draw the photos, `dbbatch run` every (seed, prior) subject, or with `lora` every (seed, LORA_VARIANTS)
+    subject; returns the output folder."""
+    import yaml
+
     photos = work / "photos"
     draw_subject_photos(photos)
     manifest = dreambooth_manifest(work / "dreambooth.yaml", work / "out", photos, seeds)
+    if lora:
+        doc = {"version": 1, "base_model": "builtin:toy-sd", "output": str(work / "out"), "subjects": lora_subjects(photos, seeds)}
+        manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
     proc = subprocess.run([sys.executable, "-m", "dbbatch", "run", str(manifest)], capture_output=True, text=True,
                           env=env, cwd=work, timeout=1800)
     if proc.returncode != 0:
@@ -134,6 +156,45 @@ def subject_scores(model: Any, model_dir: Path, sample_seeds: list[int], steps: 
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 
+def class_drift(model: Any, lora_dir: Path, images: int = 32, seed: int = 0) -> float:
+    """How far the adapters in `lora_dir` moved the class prompt: on noisy latents of toy-world squares (single-
+    coloured, on every background; random timesteps and noise, fixed by `seed`), the mean squared difference
+    between the noise the base model and the base model + adapters predict for "a photo of a square", relative
+    to the base prediction's mean square. 0: the class prompt is untouched. (Sampled images are too chaotic a
+    measure: a tiny change early in sampling ends in another image.)"""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from dbbatch import lora
+    from dbbatch.images import to_tensor
+    from dbbatch.lora_export import load_lora_folder
+    from dbbatch.sampling import encode_prompts
+    from dbbatch.toyworld import render
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    scenes = [toyworld.random_scene(rng, (c, SUBJECT_SHAPE, b)) for c, b in
+              [(c, b) for c in toyworld.COLOURS for b in toyworld.COLOURS if b != c][:images]]
+    pixels = to_tensor([Image.fromarray(render(s)) for s in scenes])
+    g = torch.Generator().manual_seed(seed)
+    scheduler = DDPMScheduler.from_config(model.scheduler_config)
+    with torch.no_grad():
+        latents = model.vae.encode(pixels).latent_dist.mean * model.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=g)
+        noisy = scheduler.add_noise(latents, noise, t)
+        states = encode_prompts(model, ["a photo of a square"], "cpu").expand(len(latents), -1, -1)
+        base = model.unet(noisy, t, encoder_hidden_states=states).sample
+        load_lora_folder(model, lora_dir)
+        try:
+            states = encode_prompts(model, ["a photo of a square"], "cpu").expand(len(latents), -1, -1)
+            tuned = model.unet(noisy, t, encoder_hidden_states=states).sample
+        finally:
+            lora.detach(model)
+    return float((tuned - base).pow(2).mean() / base.pow(2).mean())
+
+
 def dreambooth_results(out: Path, seeds: list[int], sample_seeds: list[int], cache: Path) -> dict[str, dict[str, float]]:
     from dbbatch.models import load_base_model
 
@@ -159,6 +220,7 @@ def main() -> int:
     p.add_argument("--sample-seeds", type=int, default=8, help="sampling seeds per (prompt, background)")
     p.add_argument("--out", type=Path, default=Path("/tmp/toy-measure"))
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--lora", action="store_true", help="measure LoRA DreamBooth (LORA_VARIANTS) instead, with class drift")
     args = p.parse_args()
     torch.set_num_threads(1)
     from dbbatch.models import load_base_model
@@ -167,6 +229,16 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DBBATCH_WORK_DIR": str(args.out / "work")}
     t0 = time.time()
     base = load_base_model("builtin:toy-sd", None, args.out / "work", None)
+    if args.lora:
+        out = run_dreambooth(args.out, args.seeds, env, lora=True)
+        results = {s["id"]: {**subject_scores(base, out / s["id"] / "lora", list(range(args.sample_seeds))),
+                             "class_drift": class_drift(base, out / s["id"] / "lora"),
+                             "train_s": json.loads((out / s["id"] / "metrics.json").read_text())["seconds"]["train"]}
+                   for s in lora_subjects(args.out / "photos", args.seeds)}
+        print(table(results))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     following = prompt_following(base)
     print("prompt following (48 held-out prompts):", following, flush=True)
     t1 = time.time()

@@ -29,3 +29,14 @@ def test_every_shipped_manifest_starts_with_its_command_and_validates():
         first = path.read_text().splitlines()[0]
         assert first.startswith("#") and ("dbbatch run" in first or "make demo" in first), f"{path.name}: {first}"
         load_manifest(path)  # raises ManifestError on any problem
+
+
+def test_the_readme_manifest_example_is_a_valid_manifest():
+    import re
+
+    from dbbatch.manifest import parse_manifest, resolve_subjects
+
+    block = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)[0]
+    subjects = resolve_subjects(parse_manifest(block, "README.md"), None)
+    assert [(s.id, s.train.method, s.model_format, s.train.learning_rate) for s in subjects] == [
+        ("rex", "full", "full", 5e-6), ("tom", "lora", "lora", 1e-4)]
