@@ -277,6 +277,8 @@ def checks(run: dict[str, Any], summary: dict[str, Any], enforce_targets: bool) 
     for key, label in (("model_load_s", "model load seconds"), ("prior_img_per_s", "prior images/s"),
                        ("steps_per_s", "training steps/s"), ("sample_img_per_s", "sampling images/s"),
                        ("publish_s", "publish seconds"), ("peak_rss_mib", "peak RSS")):
+        if key == "prior_img_per_s" and plan.get("prior_source") == "base_model":
+            continue  # no class images to make
         add("sanity", f"{label} measured", summary[key] > 0, f"{summary[key]:.4g}")
     for n, b in sorted(run["batches"].items()):
         statuses = [s["status"] for s in b["subjects"]]

@@ -241,14 +241,12 @@ class Batch:
                 self.reset_seconds.append(self.reset_model())
 
     def reset_model(self) -> float:
-        """Put the base model back as loaded for the next subject: remove LoRA adapters, restore weights a full
-        fine-tune changed (from the in-memory snapshot). Returns the seconds it took (bench.run reports them)."""
-        from dbbatch.lora import detach
+        """Put the base model back as loaded for the next subject (methods.reset). Returns the seconds it took
+        (bench/run.py reports them)."""
+        from dbbatch.methods import reset
 
         started = time.monotonic()
-        detach(self._model)
-        self._model.restore()
-        self._model.freeze()
+        reset(self._model)
         return time.monotonic() - started
 
     def write_report(self, results: list[SubjectResult], extra: dict[str, Any]) -> dict[str, Any]:
@@ -445,6 +443,7 @@ class SubjectRun:
     def train(self, instance_images: list[Any], klass: Any) -> dict[str, Any]:
         from dbbatch.checkpoints import StoreCheckpoints, pick_resume
         from dbbatch.images import to_tensor
+        from dbbatch.methods import make_trainable
         from dbbatch.sampling import encode_prompts
         from dbbatch.training import DreamBoothModule, LatentPairs, TextInputs, fit, latent_stats, make_loader
 
@@ -460,37 +459,22 @@ class SubjectRun:
             klass = instance  # no class images: the class prompt on the instance latents (README: priors.source)
             self.priors_generated = 0
         with_class = klass is not None
-        lora = cfg.method == "lora"
-        if lora:
-            from dbbatch.lora import attach
-
-            self.trainable_parameters = attach(model, cfg.lora, cfg.seed, self.s.id)
-            text_trained = cfg.lora.text_encoder
-        else:
-            model.snapshot()  # the base weights, to restore once this subject is done (first time only)
-            text_trained = cfg.train_text_encoder
-        if text_trained:
+        trainable = make_trainable(model, cfg, self.s.id)
+        self.trainable_parameters = trainable.parameters
+        if trainable.text_encoder:
             ids = lambda p: model.tokenizer([p], padding="max_length", max_length=model.tokenizer.model_max_length,  # noqa: E731
                                             truncation=True, return_tensors="pt").input_ids
             text = TextInputs(ids(self.s.instance_prompt), ids(self.s.class_prompt) if with_class else None, are_ids=True)
-            model.text_encoder.train()
-            if not lora:
-                model.text_encoder.requires_grad_(True)
         else:
             text = TextInputs(encode_prompts(model, [self.s.instance_prompt], self.b.device).cpu(),
                               encode_prompts(model, [self.s.class_prompt], self.b.device).cpu() if with_class else None, are_ids=False)
-        model.unet.train()
-        if not lora:
-            model.unet.requires_grad_(True)
-            trained = [model.unet] + ([model.text_encoder] if text_trained else [])
-            self.trainable_parameters = sum(p.numel() for m in trained for p in m.parameters())
         if cfg.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
         fingerprint = self.fingerprint()
         meta = {"base_model": model.identity, "subject": self.s.id, "train": cfg.model_dump(), "fingerprint": fingerprint}
-        module = DreamBoothModule(model.unet, model.text_encoder if text_trained else None, text, cfg,
+        module = DreamBoothModule(model.unet, model.text_encoder if trainable.text_encoder else None, text, cfg,
                                   model.scheduler_config, model.vae.config.scaling_factor, meta,
-                                  adapters_only=lora, prior_from_base=prior_from_base)
+                                  adapters_only=trainable.adapters_only, prior_from_base=prior_from_base)
         loader = make_loader(LatentPairs(instance, klass), cfg.batch_size, cfg.seed)
 
         ckpt_remote = join(self.out, "checkpoints")

@@ -33,6 +33,23 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
                           env=env or cli_env(), cwd=cwd or REPO, timeout=timeout)
 
 
+def start_at_fault(manifest: Path, work: Path, faults: str, *args: str, timeout: float = 300) -> tuple[subprocess.Popen, Path]:
+    """Start `dbbatch run MANIFEST ARGS` with DBBATCH_FAULTS=`faults` (dbbatch/faults.py) and work dir `work`;
+    return once the fault's marker file appears (the process then waits there), with that marker's path."""
+    import time
+
+    marker = work.parent / f"marker-{work.name}-{time.monotonic_ns()}"
+    env = cli_env(DBBATCH_WORK_DIR=str(work), DBBATCH_FAULTS=faults, DBBATCH_FAULT_MARKER=str(marker))
+    proc = subprocess.Popen([sys.executable, "-m", "dbbatch", "run", str(manifest), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, f"dbbatch exited early: {proc.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, "dbbatch never reached the fault point"
+        time.sleep(0.05)
+    return proc, marker
+
+
 def draw_subject(folder: Path, color=(220, 30, 30), n: int = 3, size: int = 72) -> Path:
     """A few small PNGs of a coloured square on varied light backgrounds."""
     from PIL import Image, ImageDraw

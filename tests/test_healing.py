@@ -7,11 +7,8 @@ the one line a user sees and what is left in the output and the scratch folder a
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import cli_env, draw_subject, run_cli, tiny_manifest
+from conftest import cli_env, draw_subject, run_cli, start_at_fault, tiny_manifest
 from test_hostile_inputs import record  # scripts/hostile_corpus.py lists these cases too
 
 STEPS, EVERY = 12, 4
@@ -37,22 +34,8 @@ def _manifest(tmp: Path, name: str, resolution: int = 32, **train) -> Path:
                                    "samples": {"prompts": ["a photo of {token} {class_noun}"], "seeds": [0], "steps": 2}})
 
 
-def _start(manifest: Path, work: Path, faults: str, *args: str) -> tuple[subprocess.Popen, Path]:
-    """Start `dbbatch run` with DBBATCH_FAULTS=`faults` and wait until the fault's marker file appears."""
-    marker = work.parent / f"marker-{work.name}-{time.monotonic_ns()}"
-    env = cli_env(DBBATCH_WORK_DIR=str(work), DBBATCH_FAULTS=faults, DBBATCH_FAULT_MARKER=str(marker))
-    proc = subprocess.Popen([sys.executable, "-m", "dbbatch", "run", str(manifest), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        assert proc.poll() is None, f"dbbatch exited early: {proc.communicate()[1][-3000:]}"
-        assert time.monotonic() < deadline, "dbbatch never reached the fault point"
-        time.sleep(0.05)
-    return proc, marker
-
-
 def _kill_at_step(manifest: Path, work: Path, step: int, *args: str) -> None:
-    proc, _ = _start(manifest, work, f"pause_at_step={step}", *args)
+    proc, _ = start_at_fault(manifest, work, f"pause_at_step={step}", *args)
     proc.kill()
     proc.wait()
 
@@ -170,7 +153,7 @@ def test_max_steps_below_the_checkpoint_restarts_from_step_0(tmp_path: Path):
 
 def test_raised_max_steps_after_the_model_was_stored_trains_again(tmp_path: Path):
     work = tmp_path / "work"
-    proc, _ = _start(_manifest(tmp_path, "out"), work, "pause_at_publish=config")  # model and _stage.json stored
+    proc, _ = start_at_fault(_manifest(tmp_path, "out"), work, "pause_at_publish=config")  # model and _stage.json stored
     proc.kill()
     proc.wait()
     stored_unet = load_file(str(tmp_path / "out" / "rex" / UNET))
@@ -243,7 +226,7 @@ def test_corrupted_prior_images_are_reported_by_name_and_regenerated(tmp_path: P
 
 def test_sigint_stores_a_checkpoint_and_the_report_and_exits_130(tmp_path: Path):
     m = _manifest(tmp_path, "out")
-    proc, _ = _start(m, tmp_path / "work", "pause_at_step=5")
+    proc, _ = start_at_fault(m, tmp_path / "work", "pause_at_step=5")
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
@@ -277,7 +260,7 @@ def test_full_disk_while_writing_the_model_is_one_line_and_leaves_no_scratch_cop
 
 def test_sigkill_during_an_upload_leaves_no_partial_file_in_the_published_folder(tmp_path: Path):
     m = _manifest(tmp_path, "out", max_steps=2)
-    proc, marker = _start(m, tmp_path / "work", "pause_at_upload=diffusion_pytorch_model.safetensors")
+    proc, marker = start_at_fault(m, tmp_path / "work", "pause_at_upload=diffusion_pytorch_model.safetensors")
     proc.kill()
     proc.wait()
     unet_dir = tmp_path / "out" / "rex" / "model" / "unet"
@@ -290,7 +273,7 @@ def test_sigkill_during_an_upload_leaves_no_partial_file_in_the_published_folder
 
 def test_scratch_is_removed_when_the_subject_is_skipped_as_done(tmp_path: Path):
     m = _manifest(tmp_path, "out", max_steps=2)
-    proc, _ = _start(m, tmp_path / "work", "pause_at_publish=success")  # killed right after _SUCCESS
+    proc, _ = start_at_fault(m, tmp_path / "work", "pause_at_publish=success")  # killed right after _SUCCESS
     proc.kill()
     proc.wait()
     assert (tmp_path / "out" / "rex" / "_SUCCESS").is_file() and list((tmp_path / "work").glob("scratch/*/subjects/rex"))

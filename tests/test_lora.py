@@ -16,9 +16,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +26,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import cli_env, draw_subject, run_cli, tiny_manifest
+from conftest import cli_env, draw_subject, run_cli, start_at_fault, tiny_manifest
 from dbbatch.lora import PRESETS, adaptable_layers, resolve_targets
 
 STEPS = 12
@@ -250,19 +247,6 @@ def test_model_format_full_writes_the_adapters_merged_into_a_pipeline(runs, tiny
 # -- resume ----------------------------------------------------------------------------------------------------
 
 
-def _start_paused(manifest: Path, work: Path, step: int) -> subprocess.Popen:
-    marker = work.parent / f"paused-{work.name}"
-    env = cli_env(DBBATCH_WORK_DIR=str(work), DBBATCH_FAULTS=f"pause_at_step={step}", DBBATCH_FAULT_MARKER=str(marker))
-    proc = subprocess.Popen([sys.executable, "-m", "dbbatch", "run", str(manifest)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        assert proc.poll() is None, f"dbbatch exited early: {proc.communicate()[1][-2000:]}"
-        assert time.monotonic() < deadline, "dbbatch never reached the pause step"
-        time.sleep(0.05)
-    return proc
-
-
 def _rex(te: bool, **lora) -> list[dict]:
     return [{"id": "rex", "train": {"lora": {**LORA, "text_encoder": te, **lora}}}]
 
@@ -284,7 +268,7 @@ def uninterrupted(tmp_path_factory) -> dict[bool, Path]:
 @pytest.mark.parametrize("kill_step,every,te", [(5, 4, False), (7, 3, True)])
 def test_sigkill_then_rerun_gives_bitwise_the_same_adapters(tmp_path: Path, uninterrupted, kill_step: int, every: int, te: bool):
     m = _manifest(tmp_path, "killed", _rex(te), every=every)
-    proc = _start_paused(m, tmp_path / "pod1", kill_step)
+    proc, _ = start_at_fault(m, tmp_path / "pod1", f"pause_at_step={kill_step}")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     last = kill_step // every * every
@@ -310,7 +294,7 @@ def test_sigkill_then_rerun_gives_bitwise_the_same_adapters(tmp_path: Path, unin
 
 def test_sigterm_exits_143_with_a_checkpoint_and_another_lora_shape_is_not_resumed(tmp_path: Path, uninterrupted):
     m = _manifest(tmp_path, "termed", _rex(False))
-    proc = _start_paused(m, tmp_path / "pod1", 7)
+    proc, _ = start_at_fault(m, tmp_path / "pod1", "pause_at_step=7")
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr

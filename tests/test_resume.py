@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli_env, draw_subject, run_cli, tiny_manifest
+from conftest import cli_env, draw_subject, run_cli, start_at_fault, tiny_manifest
 from dbbatch.models import BUILTIN_VERSION
 
 STEPS, EVERY = 12, 4
@@ -28,20 +28,6 @@ def _manifest(tmp: Path, name: str, train_text_encoder: bool = False, every: int
                                              "train_text_encoder": train_text_encoder, **train},
                                    "priors": {"num_images": 2, "steps": 2, "batch_size": 2},
                                    "samples": {"prompts": ["a photo of {token} {class_noun}"], "seeds": [0], "steps": 2}})
-
-
-def _start_paused(manifest: Path, work: Path, step: int) -> tuple[subprocess.Popen, Path]:
-    """Start `dbbatch run` that stops before optimizer step `step`+1 and wait until it is there."""
-    marker = work.parent / f"paused-{work.name}"
-    env = cli_env(DBBATCH_WORK_DIR=str(work), DBBATCH_FAULTS=f"pause_at_step={step}", DBBATCH_FAULT_MARKER=str(marker))
-    proc = subprocess.Popen([sys.executable, "-m", "dbbatch", "run", str(manifest)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        assert proc.poll() is None, f"dbbatch exited early: {proc.communicate()[1][-2000:]}"
-        assert time.monotonic() < deadline, "dbbatch never reached the pause step"
-        time.sleep(0.05)
-    return proc, marker
 
 
 def _trained(out: Path, component: str = "unet") -> dict[str, torch.Tensor]:
@@ -70,7 +56,7 @@ def uninterrupted(tmp_path_factory) -> dict[bool, Path]:
 @pytest.mark.parametrize("kill_step,every,train_te", [(5, 4, False), (7, 3, False), (10, 4, True)])
 def test_sigkill_then_rerun_is_bitwise_identical(tmp_path: Path, uninterrupted, kill_step: int, every: int, train_te: bool):
     m = _manifest(tmp_path, "killed", train_te, every=every)
-    proc, _ = _start_paused(m, tmp_path / "pod1", kill_step)
+    proc, _ = start_at_fault(m, tmp_path / "pod1", f"pause_at_step={kill_step}")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -99,7 +85,7 @@ def test_sigkill_then_rerun_is_bitwise_identical(tmp_path: Path, uninterrupted, 
 
 def test_sigterm_stores_a_checkpoint_and_exits_143(tmp_path: Path, uninterrupted):
     m = _manifest(tmp_path, "termed")
-    proc, _ = _start_paused(m, tmp_path / "pod1", 7)
+    proc, _ = start_at_fault(m, tmp_path / "pod1", "pause_at_step=7")
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
@@ -123,7 +109,7 @@ def test_sigterm_stores_a_checkpoint_and_exits_143(tmp_path: Path, uninterrupted
 def test_checkpoint_holds_only_trainable_weights(tmp_path: Path):
     for te in (False, True):
         m = _manifest(tmp_path, f"ck{int(te)}", te)
-        proc, _ = _start_paused(m, tmp_path / f"pod{int(te)}", 5)
+        proc, _ = start_at_fault(m, tmp_path / f"pod{int(te)}", "pause_at_step=5")
         proc.kill()
         proc.wait()
         ckpt_path = next((tmp_path / f"ck{int(te)}" / "rex" / "checkpoints").glob("*.ckpt"))
@@ -143,7 +129,7 @@ def test_checkpoint_holds_only_trainable_weights(tmp_path: Path):
 
 def test_resume_warns_on_changed_settings_and_restarts_for_another_base_model(tmp_path: Path, tiny_model_dir: Path):
     m = _manifest(tmp_path, "changed")
-    proc, _ = _start_paused(m, tmp_path / "pod1", 5)
+    proc, _ = start_at_fault(m, tmp_path / "pod1", "pause_at_step=5")
     proc.kill()
     proc.wait()
     changed = _manifest(tmp_path, "changed", learning_rate=2e-4)
@@ -152,7 +138,7 @@ def test_resume_warns_on_changed_settings_and_restarts_for_another_base_model(tm
     assert "train.learning_rate changed since the checkpoint (0.0001 -> 0.0002); the checkpoint" in rerun.stderr
 
     other = _manifest(tmp_path, "other")
-    proc, _ = _start_paused(other, tmp_path / "pod3", 5)
+    proc, _ = start_at_fault(other, tmp_path / "pod3", "pause_at_step=5")
     proc.kill()
     proc.wait()
     text = other.read_text().replace("builtin:tiny-sd", str(tiny_model_dir))

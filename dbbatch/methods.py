@@ -1,0 +1,48 @@
+"""What trains, per `train.method`, and putting the base model back between subjects.
+
+- full: the UNet's weights (and the text encoder's with train_text_encoder) are unfrozen and trained in
+  place; the base weights are snapshotted to host memory before the first such subject and restored after.
+- lora: adapters are attached to the frozen base (lora.py); afterwards they are removed, and the base
+  weights, never trained, need no restore.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Trainable:
+    parameters: int  # trainable parameter count (metrics.json)
+    text_encoder: bool  # whether the text encoder (or adapters on it) trains: prompts go in as token ids
+    adapters_only: bool  # checkpoints hold only the trainable parameters
+
+
+def make_trainable(model: Any, train: Any, subject_id: str) -> Trainable:
+    """Make the parts of `model` that `train` (a TrainConfig) trains trainable, in training mode."""
+    if train.method == "lora":
+        from dbbatch.lora import attach
+
+        count = attach(model, train.lora, train.seed, subject_id)
+        text = train.lora.text_encoder
+    else:
+        model.snapshot()  # the base weights, to restore once this subject is done (first time only)
+        text = train.train_text_encoder
+        parts = [model.unet] + ([model.text_encoder] if text else [])
+        for part in parts:
+            part.requires_grad_(True)
+        count = sum(p.numel() for part in parts for p in part.parameters())
+    model.unet.train()
+    if text:
+        model.text_encoder.train()
+    return Trainable(count, text, train.method == "lora")
+
+
+def reset(model: Any) -> None:
+    """The base model as loaded: adapters removed, weights a full fine-tune changed restored, all frozen."""
+    from dbbatch.lora import detach
+
+    detach(model)
+    model.restore()
+    model.freeze()
