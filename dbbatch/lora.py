@@ -77,9 +77,10 @@ def attach(model: Any, lora: Any, seed: int, subject_id: str) -> int:
     import torch
     from peft import LoraConfig, inject_adapter_in_model
 
-    names, unmatched = resolve_targets(adaptable_layers(model.unet), lora.target)
+    layers = adaptable_layers(model.unet)
+    names, unmatched = resolve_targets(layers, lora.target)
     if unmatched or not names:
-        raise InputError(target_problem(f"subject {subject_id}: train.lora.target", adaptable_layers(model.unet), lora.target) or "")
+        raise InputError(target_problem(f"subject {subject_id}: train.lora.target", layers, lora.target) or "")
     init: Any = "gaussian" if lora.init == "gaussian" else True
 
     def config(targets: list[str]) -> Any:

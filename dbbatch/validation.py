@@ -280,8 +280,7 @@ def lora_target_problems(manifest: Manifest, base_dir: Optional[Path], storage: 
         return []
     problems = {}
     for s in subjects:
-        own = "target" in manifest.subjects[s.index].train.lora.model_fields_set and "lora" in manifest.subjects[s.index].train.model_fields_set
-        where = f"subjects[{s.index}]" if own else "defaults"
+        where = f"subjects[{s.index}]" if "target" in manifest.subjects[s.index].train.lora.model_fields_set else "defaults"
         problem = target_problem(f"{where}.train.lora.target", layers, s.train.lora.target)
         if problem:
             problems.setdefault(where, problem)
