@@ -399,6 +399,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--steps", type=int, help="training steps per subject, overriding the plan's")
     ap.add_argument("--methods", help=f"comma-separated training methods to compare per architecture ({', '.join(METHODS)}); "
                     "each run stores one checkpoint mid-run and defaults to batches of 1 and 4")
+    ap.add_argument("--packing", help="comma-separated subjects per step (e.g. 1,2,4,8): 8 LoRA subjects per architecture "
+                    "trained packed at each K (bench/packing.py), instead of the tables above")
     ap.add_argument("--json", type=Path, help="also write every number here")
     ap.add_argument("--keep", type=Path, help="keep the benchmark's files here (default: a temporary folder, removed)")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -425,6 +427,20 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def say(msg: str) -> None:
         print(f"{time.monotonic() - started:7.1f}s {msg}", flush=True)
+
+    if args.packing:
+        from bench import packing
+
+        try:
+            runs = [packing.bench_packing(p, root, [int(k) for k in args.packing.split(",")], say, run_child,
+                                          write_manifest, draw_subjects, _fresh) for p in plans]
+        finally:
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
+        packing.print_table(runs)
+        if args.json:
+            args.json.write_text(json.dumps(runs, indent=1))
+        return 0
 
     runs, summaries, results = [], [], []
     try:
@@ -488,6 +504,12 @@ def child_main(spec_path: Path) -> int:
     if plan.in_memory:
         preload_in_memory(batch, plan)
     model = batch.model
+    if spec["mode"] == "packing":
+        from bench import packing
+
+        result = packing.child(spec, batch, resolve_subjects(manifest, base_dir))
+        (spec_path.parent / "result.json").write_text(json.dumps(result))
+        return 0
     result: dict[str, Any] = {
         "model_load_seconds": batch.model_load_seconds, "device": str(batch.device), "subjects": [],
         "params_m": sum(p.numel() for mod in (model.unet, model.vae, model.text_encoder) for p in mod.parameters()) / 1e6,

@@ -233,8 +233,18 @@ def run(
         batch = Batch(m, base_dir, storage, opts, reporter=None)
         typer.echo(f"queue: {len(subjects)} subject(s)" if queue else f"shard {shard_index}/{shard_count}: {len(subjects)} subject(s)")
         try:
+            todo = []
             for s in subjects:
-                typer.echo(f"{s.id}\t{batch.state_of(s)}")
+                state = batch.state_of(s)
+                typer.echo(f"{s.id}\t{state}")
+                todo += [s] if state != "done" else []
+            from dbbatch.packing import cohorts, describe
+
+            per_step, stored = m.packing.subjects_per_step, batch.stored_cohorts()
+            if todo and (per_step > 1 or stored):
+                typer.echo(f"cohorts (packing.subjects_per_step {per_step}):")
+                for c in cohorts(todo, per_step, stored):
+                    typer.echo(f"  {describe(c)}")
         except DbbatchError as e:
             raise _fail(e) from None
         return

@@ -28,6 +28,10 @@ class ModelError(InputError):
     """The base model cannot be found or is not a diffusers Stable Diffusion folder."""
 
 
+class TrainingDiverged(DbbatchError):
+    """A subject's loss or gradient became non-finite; its training stopped (packed: its slot alone)."""
+
+
 class StorageError(DbbatchError):
     """Remote or local storage failed (permission, missing bucket, outage after retries)."""
 

@@ -16,6 +16,10 @@ DBBATCH_FAULTS is a ';'-separated list:
   pause_at_publish=P   at publish point P of a subject (see on_publish), write P to $DBBATCH_FAULT_MARKER and
                        wait until the file `$DBBATCH_FAULT_MARKER.continue` exists or SIGTERM arrives (tests
                        cut the storage endpoint meanwhile, then let publishing go on)
+  nan_at=ID@STEP       subject ID's training examples become NaN at step STEP (0-based), as diverging
+                       weights or a corrupt latent would make them
+  packing_variant=V    the packed trainer makes a known mistake: batch_mean (one mean over the packed batch) or
+                       global_clip (one gradient clip over all subjects); the equivalence test's negative controls
   other_machine        this worker presents itself as running on another machine (another boot id), as pods
                        on two nodes are: it cannot tell that a lease holder on this machine died, and waits
                        for the lease to expire
@@ -56,12 +60,21 @@ def on_train_step(step: int) -> None:
     f = _faults()
     if not f:
         return
-    if f.get("fail_train") == _current_subject:
+    if "fail_train" in f and f["fail_train"] == _current_subject:
         import torch
 
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (simulated by DBBATCH_FAULTS)")
     if "pause_at_step" in f and int(f["pause_at_step"]) == step:
         _pause(str(step))
+
+
+def nan_member(step: int) -> Optional[str]:
+    """The subject whose examples are made NaN at this step (nan_at), or None."""
+    spec = _faults().get("nan_at")
+    if not spec:
+        return None
+    subject, _, at = spec.rpartition("@")
+    return subject if int(at) == step else None
 
 
 def on_checkpoint_write(path: Path) -> None:

@@ -159,6 +159,7 @@ class Lease:
         self._lost: Optional[str] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self.released = False
 
     def start(self) -> "Lease":
         self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.subject}", daemon=True)
@@ -212,6 +213,7 @@ class Lease:
 
     def release(self, outcome: str, message: Optional[str] = None, error_class: Optional[str] = None) -> None:
         """Stop renewing and mark the lease released with `outcome` (done | failed | preempted | released)."""
+        self.released = True
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()

@@ -149,6 +149,20 @@ def adapter_state(module: Any) -> dict[str, Any]:
     return get_peft_model_state_dict(module, adapter_name=ADAPTER)
 
 
+def load_adapter_state(module: Any, state: dict[str, Any]) -> None:
+    """Copy adapter weights in peft's saved names (`adapter_state`) into the attached adapter of `module`."""
+    import torch
+
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for key, value in state.items():
+            layer, _, part = key.rpartition(".lora_")  # "<layer>.lora_A.weight" -> "<layer>.lora_A.default.weight"
+            name = f"{layer}.lora_{part.replace('.weight', f'.{ADAPTER}.weight')}"
+            if name not in params:
+                raise RuntimeError(f"adapter weight {key} has no place in the model ({name})")
+            params[name].copy_(value.to(params[name].dtype))
+
+
 def merged_copy(module: Any) -> Any:
     """A plain copy of `module` with its adapters merged into the weights (W + alpha/r B A); `module` itself
     keeps its adapters and its base weights unchanged. Costs one copy of the module, once per export."""

@@ -214,6 +214,14 @@ class SubjectEntry(SubjectSettings):
         return v
 
 
+class PackingConfig(_Strict):
+    """Training several subjects' LoRA adapters in one step over the shared frozen base (README: packing)."""
+
+    subjects_per_step: int = Field(
+        1, ge=1, le=64, description="Up to this many subjects of one training shape (method lora, every train setting "
+        "but the seed equal, same resolution and priors.source) train together, in manifest order; 1: one at a time.")
+
+
 class Manifest(_Strict):
     """A batch of DreamBooth subjects trained from one base model."""
 
@@ -230,6 +238,7 @@ class Manifest(_Strict):
         "beside lora/); delta: changed components + base reference (method full); lora: only the adapters in lora/ "
         "(method lora). null: lora for method lora, full otherwise."
     )
+    packing: PackingConfig = Field(default_factory=PackingConfig)
     defaults: SubjectSettings = Field(default_factory=SubjectSettings)
     subjects: list[SubjectEntry] = Field(min_length=1)
     # Setting path -> where the base model's carried default came from ("model <base_model> (<file>)"), for

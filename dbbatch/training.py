@@ -73,6 +73,31 @@ class LatentPairs(Dataset):
         return item
 
 
+def draws(keys: list[int], shape: tuple[int, ...], num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latent sample, noise, timestep) per example, each from a generator seeded by the example's key, on the
+    CPU: independent of batch size, rank layout, device and of the other subjects packed beside it."""
+    samples, noises, steps = [], [], []
+    for key in keys:
+        g = torch.Generator().manual_seed(key)
+        samples.append(torch.randn(shape, generator=g))
+        noises.append(torch.randn(shape, generator=g))
+        steps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+    return torch.stack(samples), torch.stack(noises), torch.cat(steps)
+
+
+def noised_examples(scheduler: Any, mean: torch.Tensor, std: torch.Tensor, keys: list[int], scaling_factor: float,
+                    device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy latents, target, timesteps) of examples whose latent distributions are (mean, std), the randomness
+    of example i from keys[i] (draws)."""
+    sample, noise, timesteps = draws(keys, tuple(mean.shape[1:]), scheduler.config.num_train_timesteps)
+    latents = ((mean.cpu() + std.cpu() * sample) * scaling_factor).to(device)
+    noise, timesteps = noise.to(device), timesteps.to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "v_prediction":
+        return noisy, scheduler.get_velocity(latents, noise, timesteps), timesteps
+    return noisy, noise, timesteps
+
+
 def noise_key(seed: int, epoch: int, position: int) -> int:
     """Seed of one sample's randomness, from (seed, epoch, position in the epoch's order); even, < 2**57,
     so key + 1 (the class example's seed) is distinct from every other key."""
@@ -247,17 +272,6 @@ class DreamBoothModule(pl.LightningModule):
         if self.loader is not None:  # runs in every rank: each one trains its share of the samples
             self.loader.sampler.shard(self.global_rank, self.trainer.world_size)
 
-    def _draws(self, keys: list[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(latent sample, noise, timestep) per example, each from a generator seeded by the example's key,
-        on the CPU: independent of batch size, rank layout and device."""
-        samples, noises, steps = [], [], []
-        for key in keys:
-            g = torch.Generator().manual_seed(key)
-            samples.append(torch.randn(shape, generator=g))
-            noises.append(torch.randn(shape, generator=g))
-            steps.append(torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (1,), generator=g))
-        return torch.stack(samples), torch.stack(noises), torch.cat(steps)
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         from dbbatch import faults
 
@@ -272,14 +286,9 @@ class DreamBoothModule(pl.LightningModule):
         keys = [int(k) for k in batch["noise_key"]]
         if with_class:
             keys += [k + 1 for k in keys]
-        sample, noise, timesteps = self._draws(keys, tuple(mean.shape[1:]))
-        latents = ((mean.cpu() + std.cpu() * sample) * self.scaling_factor).to(self.device)
-        noise, timesteps = noise.to(self.device), timesteps.to(self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
+        noisy, target, timesteps = noised_examples(self.noise_scheduler, mean, std, keys, self.scaling_factor, self.device)
+        if faults.nan_member(self.global_step) == self.meta.get("subject"):
+            noisy = noisy * float("nan")
         if with_class and self.prior_from_base:
             target = torch.cat([target[:n], self._base_prediction(noisy[n:], timesteps[n:], n).to(target.dtype)])
         pred = self.unet(noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=self._encoder_states(n, with_class)).sample
@@ -291,6 +300,11 @@ class DreamBoothModule(pl.LightningModule):
         self.log_dict({"loss": loss_r, "instance_loss": inst_r, "prior_loss": prior_r}, on_step=True, prog_bar=False)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
         # Recorded here, not in on_train_batch_end: checkpoint callbacks run before the module's own hook.
+        if not torch.isfinite(loss_r):
+            from dbbatch.errors import TrainingDiverged
+
+            raise TrainingDiverged(f"subject {self.meta.get('subject')}: the loss became non-finite at step {self.global_step + 1}; "
+                                   "lower train.learning_rate (or set train.max_grad_norm) and check its photos")
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
             self.losses.append(float(loss_r))
         return loss

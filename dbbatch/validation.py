@@ -208,6 +208,7 @@ def check_manifest(manifest: Manifest, base_dir: Optional[Path], storage: Any, c
     if geometry is not None:
         found.problems += resolution_problems(manifest, *geometry)
     found.problems += lora_target_problems(manifest, base_dir, storage, check_remote)
+    found.warnings += packing_warnings(manifest)
     eight_bit = [s.index for s in resolve_subjects(manifest, None) if s.train.optimizer == "adamw8bit"]
     lacking = adamw8bit_lacks() if eight_bit else None
     if lacking:
@@ -285,6 +286,21 @@ def lora_target_problems(manifest: Manifest, base_dir: Optional[Path], storage: 
         if problem:
             problems.setdefault(where, problem)
     return list(problems.values())
+
+
+def packing_warnings(manifest: Manifest) -> list[str]:
+    """packing.subjects_per_step above 1 where no two subjects can share a step (packing.py says why)."""
+    from dbbatch.packing import cohorts
+
+    per_step = manifest.packing.subjects_per_step
+    if per_step <= 1:
+        return []
+    groups = cohorts(resolve_subjects(manifest, None), per_step)
+    if any(c.packed for c in groups):
+        return []
+    reasons = sorted({c.alone for c in groups if c.alone})
+    return [f"packing.subjects_per_step: {per_step}, but no two subjects can train together, so every subject trains "
+            f"alone ({reasons[0]}{'; ...' if len(reasons) > 1 else ''}); `dbbatch run --dry-run` shows the cohorts"]
 
 
 def adamw8bit_lacks() -> Optional[str]:

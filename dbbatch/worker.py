@@ -124,20 +124,28 @@ class Batch:
         return "pending"
 
     def run(self, subjects: list[Subject]) -> list[SubjectResult]:
-        """Every subject once, in manifest order. A subject leased by another worker is passed over and looked at
-        again after each subject this worker finishes; when only such subjects are left, this worker waits until
-        each is done (skipped), released (taken) or expired (taken over). So two workers on one output (a
-        replacement pod beside a live one, or `--queue` pods) never train a subject twice, and no worker idles
-        while an unleased subject remains."""
+        """Every subject once, in manifest order (packing: cohort by cohort, see packing.py). A subject leased by
+        another worker is passed over and looked at again after each subject (or cohort) this worker finishes;
+        when only such subjects are left, this worker waits until each is done (skipped), released (taken) or
+        expired (taken over). So two workers on one output (a replacement pod beside a live one, or `--queue`
+        pods) never train a subject twice, and no worker idles while an unleased subject remains."""
+        from dbbatch.packing import cohorts
+
         remove_orphan_scratch(self.opts.work_dir)
         results: dict[str, SubjectResult] = {}
         pending = list(subjects)
         waiting_for: set[str] = set()
+        per_step = self.manifest.packing.subjects_per_step
+        stored = self.stored_cohorts()
         try:
             while pending:
-                for subject in pending:
-                    result = self.attempt(subject, waiting_for)
-                    if result is not None:
+                for group in cohorts(pending, per_step, stored):
+                    if group.packed:
+                        done = self.attempt_cohort(group, waiting_for)
+                    else:
+                        result = self.attempt(group.members[0], waiting_for)
+                        done = {result.id: result} if result is not None else {}
+                    if done:
                         break
                 else:  # every pending subject is held by another worker
                     if signals.requested():
@@ -146,17 +154,73 @@ class Batch:
                                         for s in pending})
                         break
                     time.sleep(self.poll_seconds)
+                    stored = self.stored_cohorts()
                     continue
-                results[subject.id] = result
-                pending.remove(subject)
-                waiting_for.discard(subject.id)
-                if result.status == "preempted":
+                results.update(done)
+                pending = [s for s in pending if s.id not in done]
+                waiting_for -= set(done)
+                if any(r.status == "preempted" for r in done.values()):
                     results.update({s.id: SubjectResult(s.id, "pending", join(self.opts.output, s.id)) for s in pending})
                     break
+                if any(group.packed for group in cohorts(pending, per_step, stored)):
+                    stored = self.stored_cohorts()
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
             remove_orphan_scratch(self.opts.work_dir)  # workers that died while this one ran
         return [results[s.id] for s in subjects]
+
+    def stored_cohorts(self) -> list[Any]:
+        from dbbatch.cohorts import stored_cohorts
+
+        return stored_cohorts(self.storage, self.opts.output)
+
+    def attempt_cohort(self, group: Any, waiting_for: set[str]) -> dict[str, SubjectResult]:
+        """Claim every member of a cohort that is not done and not leased by another worker, and train those
+        together. Returns the results of the members it dealt with (none: all are held by others)."""
+        from dbbatch.cohorts import CohortRun
+
+        results: dict[str, SubjectResult] = {}
+        claimed: list[tuple[Subject, Optional[Lease]]] = []
+        try:
+            for subject in group.members:
+                try:
+                    if (skipped := self.skipped_as_done(subject)) is not None:
+                        results[subject.id] = skipped
+                        continue
+                    if self.leases is None:
+                        claimed.append((subject, None))
+                        continue
+                    claim = self.leases.claim(subject.id, unless_failed_since=self.leases.started_at)
+                except DbbatchError as e:
+                    results[subject.id] = self.failure(subject, e, 0.0)
+                    continue
+                if claim.lease is not None:
+                    if (skipped := self.skipped_as_done(subject)) is not None:  # finished since our first look
+                        claim.lease.release("done")
+                        results[subject.id] = skipped
+                    else:
+                        claimed.append((subject, claim.lease))
+                    continue
+                current = claim.current or {}
+                if failed_since(current, self.leases.started_at):
+                    message = f"failed in {holder_of(current)}: {current.get('message')}; not retried in this pass (rerun to retry)"
+                    results[subject.id] = SubjectResult(subject.id, "failed", join(self.opts.output, subject.id),
+                                                        error_class=current.get("error_class") or "Failed", message=message)
+                elif self.opts.force:
+                    message = (f"subject {subject.id}: --force refused: {describe(current)} is working on it; wait for it "
+                               "to finish (or stop that worker) and rerun")
+                    results[subject.id] = SubjectResult(subject.id, "failed", join(self.opts.output, subject.id),
+                                                        error_class="LeaseHeld", message=message)
+                elif subject.id not in waiting_for:
+                    log.info("%s: leased by %s; working on other subjects meanwhile", subject.id, describe(current))
+                    waiting_for.add(subject.id)
+            if claimed:
+                results.update(CohortRun(self, group, claimed).run())
+        finally:
+            for subject, lease in claimed:
+                if lease is not None and not lease.released:
+                    lease.release(*_lease_outcome(results.get(subject.id)))
+        return results
 
     @property
     def poll_seconds(self) -> float:
@@ -196,10 +260,7 @@ class Batch:
         try:  # its last holder may have finished it after our first look
             result = self.skipped_as_done(subject) or self.run_one(subject, lease)
         finally:
-            outcome = {"succeeded": "done", "skipped": "done", "failed": "failed", "preempted": "preempted"}
-            status = result.status if result else "released"
-            lease.release(outcome.get(status, "released"), result.message if result else None,
-                          result.error_class if result else None)
+            lease.release(*_lease_outcome(result))
         return result
 
     def skipped_as_done(self, subject: Subject) -> Optional[SubjectResult]:
@@ -213,32 +274,40 @@ class Batch:
         return SubjectResult(subject.id, "skipped", out)
 
     def run_one(self, subject: Subject, lease: Optional[Lease] = None) -> SubjectResult:
+        return self.outcome(subject, lambda: SubjectRun(self, subject, join(self.opts.output, subject.id), lease).run())
+
+    def outcome(self, subject: Subject, work: Any) -> SubjectResult:
+        """Run `work()` (the rest of a subject: it returns its metrics) and turn what happens into its result:
+        one subject failing never sinks the batch. The base model is reset afterwards."""
         out = join(self.opts.output, subject.id)
         started = time.monotonic()
         faults.set_subject(subject.id)
         try:
-            metrics = SubjectRun(self, subject, out, lease).run()
+            metrics = work()
             log.info("%s: done in %.1fs -> %s", subject.id, time.monotonic() - started, out)
             return SubjectResult(subject.id, "succeeded", out, steps=metrics["steps"], final_loss=metrics.get("final_loss"),
                                  seconds=time.monotonic() - started)
-        except Preempted as e:
-            log.warning("%s: %s", subject.id, e)
-            return SubjectResult(subject.id, "preempted", out, seconds=time.monotonic() - started,
-                                 error_class="Preempted", message=str(e))
         except Exception as e:  # noqa: BLE001 - one subject never sinks the batch
-            message = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if not isinstance(e, DbbatchError):
-                message = f"{type(e).__name__}: {message}{_advice(e)}"
-            log.error("%s: failed: %s", subject.id, message)
-            drop_scratch_copies(SubjectRun.scratch(self, subject))
-            if self.opts.debug or not isinstance(e, DbbatchError):
-                log.debug("".join(traceback.format_exception(e)))
-            return SubjectResult(subject.id, "failed", out, seconds=time.monotonic() - started,
-                                 error_class=type(e).__name__, message=message)
+            return self.failure(subject, e, time.monotonic() - started)
         finally:
             faults.set_subject(None)
             if self._model is not None:
                 self.reset_seconds.append(self.reset_model())
+
+    def failure(self, subject: Subject, e: BaseException, seconds: float) -> SubjectResult:
+        """The result of a subject that stopped with `e` (preempted, or failed with a one-line message)."""
+        out = join(self.opts.output, subject.id)
+        if isinstance(e, Preempted):
+            log.warning("%s: %s", subject.id, e)
+            return SubjectResult(subject.id, "preempted", out, seconds=seconds, error_class="Preempted", message=str(e))
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not isinstance(e, DbbatchError):
+            message = f"{type(e).__name__}: {message}{_advice(e)}"
+        log.error("%s: failed: %s", subject.id, message)
+        drop_scratch_copies(SubjectRun.scratch(self, subject))
+        if self.opts.debug or not isinstance(e, DbbatchError):
+            log.debug("".join(traceback.format_exception(e)))
+        return SubjectResult(subject.id, "failed", out, seconds=seconds, error_class=type(e).__name__, message=message)
 
     def reset_model(self) -> float:
         """Put the base model back as loaded for the next subject (methods.reset). Returns the seconds it took
@@ -289,6 +358,20 @@ class SubjectRun:
         self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.monotonic() - started, 3)
 
     def run(self) -> dict[str, Any]:
+        stage = self.begin()
+        if stage.get("stage") == "trained":  # the photos are not needed again: no download
+            train_metrics = self.load_stored(stage)
+        else:
+            instance_images, klass = self.inputs()
+            signals.check(f"{self.s.id} before training")
+            t = time.monotonic()
+            train_metrics = self.train(instance_images, klass)
+            self._timed("train", t)
+            self.store_model(train_metrics)
+        return self.finish(train_metrics)
+
+    def begin(self) -> dict[str, Any]:
+        """--force's deletion, the resolution, and the stored stage if it still matches (else {})."""
         if self.b.opts.force:
             self.confirm_lease("deleting its outputs for --force")
             self.storage.remove(self.out, recursive=True)
@@ -300,32 +383,38 @@ class SubjectRun:
         stage = self.storage.read_json(join(self.out, STAGE)) or {}
         if stage.get("stage") == "trained" and not self.stored_model_matches(stage):
             stage = {}
+        return stage
 
-        if stage.get("stage") == "trained":  # the photos are not needed again: no download
-            log.info("%s: fine-tuned model already stored; loading it instead of training", self.s.id)
-            train_metrics = stage["train"]
-            t = time.monotonic()
-            self.load_trained_weights()
-            self._timed("load_trained", t)
-        else:
-            t = time.monotonic()
-            instance_images = self.load_instance_images()
-            self._timed("images", t)
-            t = time.monotonic()
-            from_images = self.s.priors.source == "images"
-            klass = self.class_latents() if self.s.train.with_prior_preservation and from_images else None
-            self._timed("priors", t)
-            signals.check(f"{self.s.id} before training")
-            t = time.monotonic()
-            train_metrics = self.train(instance_images, klass)
-            self._timed("train", t)
-            t = time.monotonic()
-            train_metrics.update(self.publish_model(train_metrics["steps"]))
-            self.confirm_lease(f"writing {STAGE}")
-            self.storage.write_json(join(self.out, STAGE), {"stage": "trained", "train": train_metrics,
-                                                            "fingerprint": self.fingerprint(stage=True),
-                                                            "instance_listing": self.photo_listing()})
-            self._timed("publish", t)
+    def load_stored(self, stage: dict[str, Any]) -> dict[str, Any]:
+        log.info("%s: fine-tuned model already stored; loading it instead of training", self.s.id)
+        t = time.monotonic()
+        self.load_trained_weights()
+        self._timed("load_trained", t)
+        return stage["train"]
+
+    def inputs(self) -> tuple[list[Any], Any]:
+        """The instance photos (decoded) and the class latents (None without prior images)."""
+        t = time.monotonic()
+        instance_images = self.load_instance_images()
+        self._timed("images", t)
+        t = time.monotonic()
+        from_images = self.s.priors.source == "images"
+        klass = self.class_latents() if self.s.train.with_prior_preservation and from_images else None
+        self._timed("priors", t)
+        return instance_images, klass
+
+    def store_model(self, train_metrics: dict[str, Any]) -> None:
+        """Upload the fine-tuned model, then record the `trained` stage (a rerun publishes without training)."""
+        t = time.monotonic()
+        train_metrics.update(self.publish_model(train_metrics["steps"]))
+        self.confirm_lease(f"writing {STAGE}")
+        self.storage.write_json(join(self.out, STAGE), {"stage": "trained", "train": train_metrics,
+                                                        "fingerprint": self.fingerprint(stage=True),
+                                                        "instance_listing": self.photo_listing()})
+        self._timed("publish", t)
+
+    def finish(self, train_metrics: dict[str, Any]) -> dict[str, Any]:
+        """Samples, then config.yaml, metrics.json and `_SUCCESS`."""
         t = time.monotonic()
         self.samples()
         self._timed("sample", t)
@@ -610,7 +699,7 @@ class SubjectRun:
 
     def publish_rest(self, train_metrics: dict[str, Any]) -> dict[str, Any]:
         self.holds_lease("publishing logs, config.yaml and metrics.json")
-        logs = self.work / "logs"
+        logs = getattr(self, "train_logs", self.work / "logs")  # a packed subject's are its cohort's
         if logs.exists():
             self.storage.upload_tree(logs, join(self.out, "logs"))
         faults.on_publish("config")
@@ -648,6 +737,14 @@ class SubjectRun:
         files = {k.split("/", 1)[1]: v for k, v in train_metrics.get("output_files", {}).items() if k.startswith("lora/")}
         card = model_card(self.s, self.b.model, train_metrics["steps"], files, "grid.png")
         self.storage.write_text(join(self.out, "lora", "README.md"), card)
+
+
+def _lease_outcome(result: Optional[SubjectResult]) -> tuple[str, Optional[str], Optional[str]]:
+    """What a lease is released with after `result` (None: the work stopped before a result)."""
+    outcome = {"succeeded": "done", "skipped": "done", "failed": "failed", "preempted": "preempted"}
+    if result is None:
+        return "released", None, None
+    return outcome.get(result.status, "released"), result.message, result.error_class
 
 
 SCRATCH_COPIES = ("resume", "checkpoints", "trained", "model", "model.tmp", "lora")

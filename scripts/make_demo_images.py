@@ -2,7 +2,7 @@
 
 Two subjects the toy world never contains, so what the demo's grids show is learnt from these photos alone:
 rex is a square split blue (left) / yellow (right), photographed on white and green; tom is a triangle split
-red (left) / white (right), on black and blue. The grids then ask for them on other backgrounds, next to the
+red (left) / white (right), on black and blue; kit is a circle split yellow (left) / blue (right), on red and white. The grids then ask for them on other backgrounds, next to the
 class prompt's row. Deterministic: the same files every time. Usage: python scripts/make_demo_images.py [OUT_DIR]
 """
 
@@ -19,6 +19,7 @@ OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().paren
 SUBJECTS = {  # id: (shape, left colour, right colour, photo backgrounds)
     "rex": ("square", "blue", "yellow", ("white", "green", "white", "green")),
     "tom": ("triangle", "red", "white", ("black", "blue", "black", "blue")),
+    "kit": ("circle", "yellow", "blue", ("red", "white", "red", "white")),
 }
 
 

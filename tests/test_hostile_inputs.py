@@ -260,6 +260,15 @@ MANIFEST_CASES = [
     ManifestCase("model-format-delta-with-lora", doc(subject(train={"method": "lora"}), model_format="delta"), 2, [
         "m.yaml: model_format: delta stores fine-tuned components, but subjects[0] (rex) trains LoRA adapters; use "
         "model_format lora (the adapters) or full (merged into a full pipeline)"]),
+    # packing (issue 13)
+    ManifestCase("packing-zero", doc(packing={"subjects_per_step": 0}), 2, [
+        "m.yaml: packing.subjects_per_step: must be >= 1, got 0"]),
+    ManifestCase("packing-too-many", doc(packing={"subjects_per_step": 65}), 2, [
+        "m.yaml: packing.subjects_per_step: must be <= 64, got 65"]),
+    ManifestCase("packing-not-a-number", doc(packing={"subjects_per_step": "eight"}), 2, [
+        "m.yaml: packing.subjects_per_step: must be a whole number, got 'eight'"]),
+    ManifestCase("packing-key-typo", doc(packing={"subjects": 8}), 2, [
+        "m.yaml: packing.subjects: unknown key; did you mean 'subjects_per_step'?"]),
     ManifestCase("images-empty-folder", doc(subject(images="empty/")), 2, [
         "m.yaml: subjects[0].images: no image files at {dir}/empty/: the folder is empty or missing, or the pattern "
         "matches nothing; put photos (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp) there or fix the subject's "
