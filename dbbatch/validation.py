@@ -298,9 +298,9 @@ def packing_warnings(manifest: Manifest) -> list[str]:
     groups = cohorts(resolve_subjects(manifest, None), per_step)
     if any(c.packed for c in groups):
         return []
-    reasons = sorted({c.alone for c in groups if c.alone})
+    reasons = sorted({c.alone for c in groups if c.alone}, key=lambda r: (r.startswith("no other subject"), r))
     return [f"packing.subjects_per_step: {per_step}, but no two subjects can train together, so every subject trains "
-            f"alone ({reasons[0]}{'; ...' if len(reasons) > 1 else ''}); `dbbatch run --dry-run` shows the cohorts"]
+            f"alone; {reasons[0]}{' (and more)' if len(reasons) > 1 else ''}; `dbbatch run --dry-run` shows the cohorts"]
 
 
 def adamw8bit_lacks() -> Optional[str]:
