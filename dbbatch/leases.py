@@ -159,6 +159,7 @@ class Lease:
         self._lost: Optional[str] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()  # a renewal and the release never interleave
         self.released = False
 
     def start(self) -> "Lease":
@@ -170,7 +171,20 @@ class Lease:
         while not self._stop.wait(self.ttl / 3):
             self.renew()
 
+    def stop_own_renewal(self) -> None:
+        """Stop this lease's own renewal thread (a LeaseGroup renews it from now on)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop.set()
+            thread.join()
+            self._stop.clear()
+
     def renew(self) -> None:
+        with self._lock:
+            if not self.released and self._lost is None:
+                self._renew()
+
+    def _renew(self) -> None:
         started = time.monotonic()
         try:
             newer = self._newer()
@@ -213,12 +227,16 @@ class Lease:
 
     def release(self, outcome: str, message: Optional[str] = None, error_class: Optional[str] = None) -> None:
         """Stop renewing and mark the lease released with `outcome` (done | failed | preempted | released)."""
-        self.released = True
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        if self._lost is not None:
-            return  # another worker holds it now: its lease is not ours to touch
+        with self._lock:
+            self.released = True
+            if self._lost is not None:
+                return  # another worker holds it now: its lease is not ours to touch
+            self._write_release(outcome, message, error_class)
+
+    def _write_release(self, outcome: str, message: Optional[str], error_class: Optional[str]) -> None:
         doc = {**self.doc, "released": True, "outcome": outcome, "message": message, "error_class": error_class,
                "released_at": time.time()}
         try:
@@ -226,6 +244,31 @@ class Lease:
             self.doc = doc
         except DbbatchError as e:
             log.warning("%s: could not release the lease (%s); other workers take the subject over after it expires", self.subject, e)
+
+
+class LeaseGroup:
+    """The leases of a cohort's members (packing), renewed together by one thread every third of the shortest
+    ttl; each is still checked and released on its own (as its member is published)."""
+
+    def __init__(self, leases: list[Lease]):
+        self.leases = leases
+        for lease in leases:
+            lease.stop_own_renewal()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lease-cohort", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        ttl = min(lease.ttl for lease in self.leases)
+        while not self._stop.wait(ttl / 3):
+            for lease in self.leases:
+                lease.renew()
+            if all(lease.released for lease in self.leases):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @dataclass

@@ -28,7 +28,7 @@ import yaml
 
 from dbbatch import __version__, faults, signals
 from dbbatch.errors import DbbatchError, ImageError, InputError, Preempted, StorageError
-from dbbatch.leases import Lease, Leases, describe, failed_since, holder_is_dead, holder_of, is_live, worker_identity
+from dbbatch.leases import Lease, LeaseGroup, Leases, describe, failed_since, holder_is_dead, holder_of, is_live, worker_identity
 from dbbatch.manifest import Manifest, Subject
 from dbbatch.storage import Storage, join, redact
 
@@ -181,6 +181,7 @@ class Batch:
 
         results: dict[str, SubjectResult] = {}
         claimed: list[tuple[Subject, Optional[Lease]]] = []
+        renewal: Optional[LeaseGroup] = None
         try:
             for subject in group.members:
                 try:
@@ -215,11 +216,15 @@ class Batch:
                     log.info("%s: leased by %s; working on other subjects meanwhile", subject.id, describe(current))
                     waiting_for.add(subject.id)
             if claimed:
+                leases = [lease for _, lease in claimed if lease is not None]
+                renewal = LeaseGroup(leases) if leases else None  # one thread renews them all
                 results.update(CohortRun(self, group, claimed).run())
         finally:
             for subject, lease in claimed:
                 if lease is not None and not lease.released:
                     lease.release(*_lease_outcome(results.get(subject.id)))
+            if renewal is not None:
+                renewal.stop()
         return results
 
     @property

@@ -156,6 +156,29 @@ def test_renewal_extends_the_expiry(tmp_path: Path):
     lease.release("done")
 
 
+def test_a_cohorts_leases_are_renewed_together_and_a_release_is_never_undone(tmp_path: Path):
+    from dbbatch.leases import LeaseGroup
+
+    leases = Leases(Storage(), str(tmp_path / "out"), "run-a", ttl=2)
+    held = [leases.claim(sid).lease for sid in ("rex", "tom", "max")]
+    group = LeaseGroup(held)
+    names = [t.name for t in threading.enumerate()]
+    assert names.count("lease-cohort") == 1 and not any(n in names for n in ("lease-rex", "lease-tom", "lease-max"))
+    first = {lease.subject: leases.current(lease.subject)["expires_at"] for lease in held}
+    held[1].release("done")
+    time.sleep(2.5)  # more than two renewal rounds (every ttl/3)
+    for lease in (held[0], held[2]):
+        lease.check("writing")  # still valid by its own clock: renewed, although no thread of its own runs
+    later = {lease.subject: leases.current(lease.subject) for lease in held}
+    assert later["rex"]["expires_at"] > first["rex"] and later["max"]["expires_at"] > first["max"]
+    assert later["tom"]["released"] and later["tom"]["outcome"] == "done"  # not rewritten by a renewal since
+    assert later["tom"]["expires_at"] == first["tom"]
+    for lease in (held[0], held[2]):
+        lease.release("done")
+    group.stop()
+    assert "lease-cohort" not in [t.name for t in threading.enumerate()]
+
+
 def test_lease_listings_see_other_workers_writes_on_s3(s3):
     """s3fs caches listings and sees only its own writes there; a lease read from such a cache would miss the
     worker that took the subject over. (Without fresh listings `current` below is run-a's old generation.)"""
