@@ -106,6 +106,10 @@ class CohortRun:
         train_seconds = time.monotonic() - started
         results = {}
         for r, (state, metrics) in zip(self.runs, trained):
+            if signals.requested():  # preempted while publishing: the rest publish from their stored checkpoint later
+                results[r.s.id] = self.b.failure(r.s, Preempted(f"{signals.name()} received before {r.s.id} was published"),
+                                                 train_seconds)
+                continue
             if isinstance(metrics, Exception):
                 results[r.s.id] = self.b.failure(r.s, metrics, train_seconds)
                 continue
@@ -244,6 +248,9 @@ class CohortRun:
         from dbbatch.packed_training import slice_checkpoint
 
         source = self.cohort.resumes
+        if self.b.opts.force:  # --force redoes the subjects: nothing of an earlier training is resumed
+            self.b.storage.remove(join(self.folder, "checkpoints"), recursive=True)
+            return None
         folders = [self.folder] + ([cohort_folder(self.b.opts.output, source.id)] if source and source.id != self.id else [])
         storage = self.b.storage
         for folder in folders:

@@ -136,7 +136,7 @@ class Batch:
         pending = list(subjects)
         waiting_for: set[str] = set()
         per_step = self.manifest.packing.subjects_per_step
-        stored = self.stored_cohorts()
+        stored = [] if self.opts.force else self.stored_cohorts()  # --force resumes nothing
         try:
             while pending:
                 for group in cohorts(pending, per_step, stored):
@@ -154,7 +154,7 @@ class Batch:
                                         for s in pending})
                         break
                     time.sleep(self.poll_seconds)
-                    stored = self.stored_cohorts()
+                    stored = [] if self.opts.force else self.stored_cohorts()
                     continue
                 results.update(done)
                 pending = [s for s in pending if s.id not in done]
@@ -162,7 +162,7 @@ class Batch:
                 if any(r.status == "preempted" for r in done.values()):
                     results.update({s.id: SubjectResult(s.id, "pending", join(self.opts.output, s.id)) for s in pending})
                     break
-                if any(group.packed for group in cohorts(pending, per_step, stored)):
+                if not self.opts.force and any(group.packed for group in cohorts(pending, per_step, stored)):
                     stored = self.stored_cohorts()
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)

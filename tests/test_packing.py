@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import cli_env, draw_subject, run_cli, start_at_fault, tiny_manifest
@@ -146,6 +147,9 @@ def test_a_packed_cohort_equals_solo_runs_and_the_test_catches_a_batch_mean_or_a
         assert m["cohort"]["size"] == 3 and m["cohort"]["members"] == list(IDS) and "cohort" not in metrics(solo, sid)
         assert m["loss_curve"] == pytest.approx(metrics(solo, sid)["loss_curve"], rel=1e-5)
         assert sorted(p.name for p in (reference / sid / "lora").iterdir()) == sorted(p.name for p in (solo / sid / "lora").iterdir())
+        for name in ("pytorch_lora_weights.safetensors", f"{sid}.safetensors"):  # the same writers, the same metadata
+            with safe_open(str(reference / sid / "lora" / name), "pt") as a, safe_open(str(solo / sid / "lora" / name), "pt") as b:
+                assert a.metadata() == b.metadata() and sorted(a.keys()) == sorted(b.keys())
     unclipped = world.root / "unclipped"
     assert [sid for sid in IDS if gap(reference, unclipped, sid) > 0] == clipped  # clipping touched that one alone
     for variant in ("batch_mean", "global_clip"):
@@ -218,6 +222,17 @@ def test_a_member_whose_photos_changed_makes_the_rerun_refuse_the_checkpoint(wor
     assert gap(out, reference, "rex") == 0 and gap(out, reference, "tom") > 100 * TOL
 
 
+def test_force_resumes_no_stored_cohort(world, reference, clip):
+    m = world.manifest("forced", train={"max_grad_norm": clip})
+    proc, _ = start_at_fault(m, world.root / "pod1", "pause_at_step=3")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    out, log = world.run("forced", "--force")
+    assert "resuming" not in log
+    assert all(metrics(out, sid)["resumed_from_step"] is None and gap(out, reference, sid) == 0 for sid in IDS)
+    assert not any((out / "_cohorts").iterdir())
+
+
 def test_a_nan_in_one_subject_fails_it_alone_at_its_step(world, reference, clip):
     out, log = world.run("nan", expect=1, faults="nan_at=tom@3", train={"max_grad_norm": clip})
     assert "tom: failed: subject tom: the loss became non-finite at step 4" in log
@@ -226,6 +241,35 @@ def test_a_nan_in_one_subject_fails_it_alone_at_its_step(world, reference, clip)
         assert (out / sid / "_SUCCESS").exists() and gap(out, reference, sid) == 0
     lease = sorted((out / "_leases" / "tom").glob("*.json"))[-1]
     assert json.loads(lease.read_text())["outcome"] == "failed"
+
+
+def test_queue_workers_claim_a_cohort_each_and_train_every_subject_once(world):
+    import subprocess
+    import sys
+
+    ids = ["q1", "q2", "q3", "q4"]
+    subjects = [{"id": i, "token": "sks", "class_noun": "dog", "images": f"imgs/{IDS[n % 3]}/", "train": {"seed": n}}
+                for n, i in enumerate(ids)]
+    m = tiny_manifest(world.root / "queue.yaml", "queue", subjects, packing={"subjects_per_step": 2},
+                      defaults={"resolution": 32, "train": {"method": "lora", "max_steps": 4, "checkpoint_every": 100},
+                                "priors": {"source": "base_model"},
+                                "samples": {"prompts": ["a photo of {token} {class_noun}"], "seeds": [0], "steps": 2,
+                                            "include_class_prompt": False}})
+    procs = [subprocess.Popen([sys.executable, "-m", "dbbatch", "run", str(m), "--queue"], cwd=world.root, text=True,
+                              env=cli_env(DBBATCH_WORK_DIR=str(world.root / f"queue-w{w}")), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for w in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    out = world.root / "queue"
+    trained = [s["id"] for r in (out / "_runs").glob("*.json") for s in json.loads(r.read_text())["subjects"]
+               if s["status"] == "succeeded"]
+    assert sorted(trained) == ids  # every subject once
+    holder = {i: json.loads(sorted((out / "_leases" / i).glob("*.json"))[-1].read_text())["holder"]["run_id"] for i in ids}
+    for i in ids:  # a cohort's members were all claimed by the worker that trained them
+        members = metrics(out, i)["cohort"]["members"]
+        assert len({holder[x] for x in members}) == 1 and i in members
+    assert len(set(holder.values())) == 2, "both workers took a cohort"
 
 
 def test_a_nan_fails_a_solo_subject_too_and_the_next_subject_trains(world):
