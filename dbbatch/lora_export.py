@@ -92,12 +92,18 @@ def write_lora_folder(model: Any, subject: Any, out_dir: Path, steps: int, dtype
     StableDiffusionPipeline.save_lora_weights(
         str(out_dir), unet_lora_layers=unet_state,
         text_encoder_lora_layers=te_state if with_te else None,
-        unet_lora_adapter_metadata=model.unet.peft_config[ADAPTER].to_dict(),
-        text_encoder_lora_adapter_metadata=_te_config(model, subject) if with_te else None,
+        unet_lora_adapter_metadata=_in_order(model.unet.peft_config[ADAPTER].to_dict()),
+        text_encoder_lora_adapter_metadata=_in_order(_te_config(model, subject)) if with_te else None,
         weight_name=DIFFUSERS_FILE, safe_serialization=True)
     save_file(kohya_state(unet_state, te_state, subject.train.lora.alpha), str(out_dir / kohya_name(subject.id)),
               metadata=kohya_metadata(subject, model, steps, resolution))
     return out_dir
+
+
+def _in_order(config: dict[str, Any]) -> dict[str, Any]:
+    """peft's config with its sets (target_modules) as sorted lists: the same file bytes in every process (a set's
+    order follows the process's string hashing)."""
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
 
 
 def _te_config(model: Any, subject: Any) -> dict[str, Any]:

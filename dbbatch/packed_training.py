@@ -210,7 +210,9 @@ class CohortModule(DreamBoothModule):
         K = len(self.members)
         norms = torch.stack([torch.linalg.vector_norm(p.grad.flatten(1), dim=1) for p in params])  # P x K
         total = torch.linalg.vector_norm(norms, dim=0)  # K: each subject's gradient norm
-        finite = torch.isfinite(total) & torch.isfinite(self._losses.to(total.device))
+        finite = torch.isfinite(self._losses.to(total.device))
+        if self.trainer.precision != "16-mixed":  # under fp16 loss scaling an inf gradient is an overflow: the
+            finite &= torch.isfinite(total)         # scaler skips that step (for every subject: one scale)
         self.grad_norms.append(total.detach().cpu().tolist())
         fresh = [k for k, ok in enumerate(finite.cpu().tolist()) if not ok and self.alive[k]]
         if fresh:
