@@ -202,19 +202,8 @@ class Batch:
                     else:
                         claimed.append((subject, claim.lease))
                     continue
-                current = claim.current or {}
-                if failed_since(current, self.leases.started_at):
-                    message = f"failed in {holder_of(current)}: {current.get('message')}; not retried in this pass (rerun to retry)"
-                    results[subject.id] = SubjectResult(subject.id, "failed", join(self.opts.output, subject.id),
-                                                        error_class=current.get("error_class") or "Failed", message=message)
-                elif self.opts.force:
-                    message = (f"subject {subject.id}: --force refused: {describe(current)} is working on it; wait for it "
-                               "to finish (or stop that worker) and rerun")
-                    results[subject.id] = SubjectResult(subject.id, "failed", join(self.opts.output, subject.id),
-                                                        error_class="LeaseHeld", message=message)
-                elif subject.id not in waiting_for:
-                    log.info("%s: leased by %s; working on other subjects meanwhile", subject.id, describe(current))
-                    waiting_for.add(subject.id)
+                if (held := self.held_elsewhere(subject, claim.current or {}, waiting_for)) is not None:
+                    results[subject.id] = held
             if claimed:
                 leases = [lease for _, lease in claimed if lease is not None]
                 renewal = LeaseGroup(leases) if leases else None  # one thread renews them all
@@ -246,20 +235,7 @@ class Batch:
             log.error("%s: failed: %s", subject.id, e)
             return SubjectResult(subject.id, "failed", out, error_class=type(e).__name__, message=str(e))
         if claim.lease is None:
-            current = claim.current or {}
-            if failed_since(current, self.leases.started_at):
-                message = f"failed in {holder_of(current)}: {current.get('message')}; not retried in this pass (rerun to retry)"
-                log.error("%s: %s", subject.id, message)
-                return SubjectResult(subject.id, "failed", out, error_class=current.get("error_class") or "Failed", message=message)
-            if self.opts.force:
-                message = (f"subject {subject.id}: --force refused: {describe(current)} is working on it; wait for it to finish "
-                           "(or stop that worker) and rerun")
-                log.error("%s: failed: %s", subject.id, message)
-                return SubjectResult(subject.id, "failed", out, error_class="LeaseHeld", message=message)
-            if subject.id not in waiting_for:
-                log.info("%s: leased by %s; working on other subjects meanwhile", subject.id, describe(current))
-                waiting_for.add(subject.id)
-            return None
+            return self.held_elsewhere(subject, claim.current or {}, waiting_for)
         lease = claim.lease
         result: Optional[SubjectResult] = None
         try:  # its last holder may have finished it after our first look
@@ -267,6 +243,24 @@ class Batch:
         finally:
             lease.release(*_lease_outcome(result))
         return result
+
+    def held_elsewhere(self, subject: Subject, current: dict[str, Any], waiting_for: set[str]) -> Optional[SubjectResult]:
+        """A subject whose lease another worker holds (`current`): its result when that worker failed it in this pass
+        or --force is refused; None (try again later) when it is being worked on."""
+        out = join(self.opts.output, subject.id)
+        if failed_since(current, self.leases.started_at):
+            message = f"failed in {holder_of(current)}: {current.get('message')}; not retried in this pass (rerun to retry)"
+            log.error("%s: %s", subject.id, message)
+            return SubjectResult(subject.id, "failed", out, error_class=current.get("error_class") or "Failed", message=message)
+        if self.opts.force:
+            message = (f"subject {subject.id}: --force refused: {describe(current)} is working on it; wait for it to finish "
+                       "(or stop that worker) and rerun")
+            log.error("%s: failed: %s", subject.id, message)
+            return SubjectResult(subject.id, "failed", out, error_class="LeaseHeld", message=message)
+        if subject.id not in waiting_for:
+            log.info("%s: leased by %s; working on other subjects meanwhile", subject.id, describe(current))
+            waiting_for.add(subject.id)
+        return None
 
     def skipped_as_done(self, subject: Subject) -> Optional[SubjectResult]:
         """The 'skipped' result if `_SUCCESS` is stored (and not --force), asked of the store, not of a listing
