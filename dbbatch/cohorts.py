@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from dbbatch import signals
 from dbbatch.checkpoints import latest, read_meta, restart_reason, step_of
-from dbbatch.errors import CheckpointError, InputError, Preempted, TrainingDiverged
+from dbbatch.errors import CheckpointError, Preempted, TrainingDiverged
 from dbbatch.packing import Cohort, StoredCohort
 from dbbatch.storage import join
 
@@ -91,14 +91,15 @@ class CohortRun:
 
     def run_ready(self) -> dict[str, Any]:
         """Train the members whose inputs are loaded, then publish each."""
+        if reason := self.unpackable():
+            log.warning("cohort %s: %s; its subjects train one at a time", self.id, reason)
+            return {r.s.id: self.b.outcome(r.s, lambda r=r: r.finish(r.train_and_store(r.instance_images, r.klass)))
+                    for r in self.runs}
         started = time.monotonic()
         try:
             signals.check(f"cohort {self.id} before training")
             trained = self.train()
         except Exception as e:  # noqa: BLE001 - preempted, or failed: every member alike
-            if isinstance(e, InputError) and "packed training adapts linear layers only" in str(e):
-                log.warning("cohort %s: %s; its subjects train one at a time", self.id, e)
-                return {r.s.id: self.b.outcome(r.s, lambda r=r: self._solo(r)) for r in self.runs}
             seconds = time.monotonic() - started
             return {r.s.id: self.b.failure(r.s, e, seconds) for r in self.runs}
         finally:
@@ -120,17 +121,22 @@ class CohortRun:
                 from dbbatch.worker import _lease_outcome
 
                 r.lease.release(*_lease_outcome(results[r.s.id]))
-        if all(res.status in ("succeeded", "failed") for res in results.values()) and not any(
-                res.status == "failed" and res.error_class != "TrainingDiverged" for res in results.values()):
-            self.remove_finished()
+        if all(res.status == "succeeded" or res.error_class == "TrainingDiverged" for res in results.values()):
+            self.remove_finished()  # nothing left that its checkpoint could still publish
         shutil.rmtree(self.work, ignore_errors=True)
         return results
 
-    def _solo(self, r: Any) -> dict[str, Any]:
-        signals.check(f"{r.s.id} before training")
-        metrics = r.train(r.instance_images, r.klass)
-        r.store_model(metrics)
-        return r.finish(metrics)
+    def unpackable(self) -> Optional[str]:
+        """Why these members cannot train packed here after all (known only with the model and the devices)."""
+        from dbbatch.lora import adaptable_layers, resolve_targets
+        from dbbatch.packed_lora import packable_problem
+        from dbbatch.training import device_count
+
+        cfg, unet = self.runs[0].s.train, self.b.model.unet
+        if device_count(cfg.devices) > 1:
+            return f"packed training runs on one device, and train.devices gives {device_count(cfg.devices)}"
+        names, _ = resolve_targets(adaptable_layers(unet), cfg.lora.target)
+        return packable_problem({n: unet.get_submodule(n) for n in names})
 
     def _publish(self, r: Any, state: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
         from dbbatch.lora import attach, load_adapter_state
@@ -161,18 +167,14 @@ class CohortRun:
         from dbbatch.checkpoints import StoreCheckpoints
         from dbbatch.images import to_tensor
         from dbbatch.lora import adaptable_layers, adapter_state, attach, detach, resolve_targets
-        from dbbatch.packed_lora import attach_packed, detach_packed, packable_problem, slot_state
+        from dbbatch.packed_lora import attach_packed, detach_packed, slot_state
         from dbbatch.packed_training import CohortData, CohortModule, Member, make_cohort_loader
         from dbbatch.sampling import encode_prompts
-        from dbbatch.training import device_count, fit, latent_stats
+        from dbbatch.training import fit, latent_stats
 
         model, runs = self.b.model, self.runs
         cfg = runs[0].s.train
-        if device_count(cfg.devices) > 1:
-            raise InputError(f"packed training runs on one device, and train.devices gives {device_count(cfg.devices)}")
         names, _ = resolve_targets(adaptable_layers(model.unet), cfg.lora.target)
-        if problem := packable_problem({n: model.unet.get_submodule(n) for n in names}):
-            raise InputError(problem)
         prior_from_base = cfg.with_prior_preservation and runs[0].s.priors.source == "base_model"
         members, initial = [], []
         for r in runs:

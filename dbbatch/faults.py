@@ -68,6 +68,11 @@ def on_train_step(step: int) -> None:
         _pause(str(step))
 
 
+def packing_variant() -> str:
+    """The packed trainer's deliberate mistake (packing_variant), or ''."""
+    return _faults().get("packing_variant", "")
+
+
 def nan_member(step: int) -> Optional[str]:
     """The subject whose examples are made NaN at this step (nan_at), or None."""
     spec = _faults().get("nan_at")

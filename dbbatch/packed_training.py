@@ -42,9 +42,9 @@ class Member:
 def variant() -> str:
     """Test-only (DBBATCH_FAULTS packing_variant=...): `batch_mean` (one mean over the packed batch) or
     `global_clip` (one clip over all subjects): the two mistakes the equivalence test must catch."""
-    from dbbatch.faults import _faults
+    from dbbatch.faults import packing_variant
 
-    return _faults().get("packing_variant", "")
+    return packing_variant()
 
 
 class StepSampler(torch.utils.data.Sampler):

@@ -361,13 +361,17 @@ class SubjectRun:
         if stage.get("stage") == "trained":  # the photos are not needed again: no download
             train_metrics = self.load_stored(stage)
         else:
-            instance_images, klass = self.inputs()
-            signals.check(f"{self.s.id} before training")
-            t = time.monotonic()
-            train_metrics = self.train(instance_images, klass)
-            self._timed("train", t)
-            self.store_model(train_metrics)
+            train_metrics = self.train_and_store(*self.inputs())
         return self.finish(train_metrics)
+
+    def train_and_store(self, instance_images: list[Any], klass: Any) -> dict[str, Any]:
+        """Train this subject alone, then store its model and the `trained` stage. Returns its train metrics."""
+        signals.check(f"{self.s.id} before training")
+        t = time.monotonic()
+        train_metrics = self.train(instance_images, klass)
+        self._timed("train", t)
+        self.store_model(train_metrics)
+        return train_metrics
 
     def begin(self) -> dict[str, Any]:
         """--force's deletion, the resolution, and the stored stage if it still matches (else {})."""

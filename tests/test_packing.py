@@ -272,6 +272,14 @@ def test_queue_workers_claim_a_cohort_each_and_train_every_subject_once(world):
     assert len(set(holder.values())) == 2, "both workers took a cohort"
 
 
+def test_a_target_with_conv_layers_falls_back_to_one_subject_at_a_time(world):
+    out, log = world.run("conv", train={"max_steps": 3, "lora": {"rank": 4, "alpha": 8, "target": ["to_q", "conv1"]}})
+    assert "packed training adapts linear layers only" in log and "its subjects train one at a time" in log
+    for sid in IDS:
+        assert "cohort" not in metrics(out, sid) and metrics(out, sid)["steps"] == 3 and "train" in metrics(out, sid)["seconds"]
+        assert any(".conv1." in k for k in adapters(out, sid))  # trained alone, with the conv adapters
+
+
 def test_a_nan_fails_a_solo_subject_too_and_the_next_subject_trains(world):
     out, log = world.run("nan-solo", expect=1, faults="nan_at=tom@3", per_step=1)
     assert "tom: failed: subject tom: the loss became non-finite at step 4" in log
