@@ -281,6 +281,9 @@ def run(
         except DbbatchError as e:
             log.error("could not write --report: %s", e)
     _print_table(results)
+    page = _refresh_report(storage, out, [s.id for s in resolve_subjects(m, base_dir)])
+    if page:
+        typer.echo(f"report: {page}")
     if preempted:
         log.warning("preempted: %s to exit took %.2fs; rerun to resume", signals.name(), signals.seconds_since_request())
         raise typer.Exit(signals.exit_code())  # EXIT_PREEMPTED, or EXIT_INTERRUPTED after SIGINT
@@ -301,7 +304,8 @@ def _print_table(results) -> None:
         table.add_column(col)
     for r in results:
         loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "-"
-        table.add_row(r.id, r.status, str(r.steps or "-"), loss, f"{r.seconds:.1f}", r.message if r.status == "failed" else r.output)
+        status, note = (f"{r.status}, flagged", f"{r.output} ({'; '.join(r.flags)})") if r.flags else (r.status, r.output)
+        table.add_row(r.id, status, str(r.steps or "-"), loss, f"{r.seconds:.1f}", r.message if r.status == "failed" else note)
     Console(width=160 if not sys.stdout.isatty() else None).print(table)
 
 
@@ -367,6 +371,54 @@ def _pairs(flag: str, items: Optional[list[str]]) -> dict[str, str]:
             raise InputError(f"{flag}: {item!r} is not KEY=VALUE")
         out[key] = value
     return out
+
+
+def _refresh_report(storage: Any, output: str, subject_ids: Optional[list[str]]) -> Optional[str]:
+    """Rebuild <output>/_report/ (every shard's subjects, as stored); its page's location, or None when it could
+    not be written (logged: the subjects' own outputs are what matters)."""
+    from dbbatch.report import REPORT, build
+    from dbbatch.storage import join
+
+    try:
+        build(storage, output, subject_ids)
+    except DbbatchError as e:
+        log.error("could not write the batch report: %s", e)
+        return None
+    return join(output, REPORT, "index.html")
+
+
+@app.command()
+@_one_line_errors
+def report(
+    output: str = typer.Argument(..., help="The batch's output location (a path or fsspec URL), as its manifest names it."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="The batch's manifest: its storage_options, and its "
+                                            "subjects that nothing is stored for yet (listed as pending)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Rebuild OUTPUT/_report/ (index.html, summary.json) from what every shard and run stored."""
+    _setup_logging(debug)
+    _quiet_libraries()
+    from dbbatch.manifest import resolve_location, resolve_subjects
+    from dbbatch.report import REPORT, build
+    from dbbatch.storage import Storage, join
+
+    try:
+        ids = None
+        options: dict[str, Any] = {}
+        if manifest is not None:
+            m, base_dir = _load(manifest)
+            options, ids = m.storage_options, [s.id for s in resolve_subjects(m, base_dir)]
+        out = resolve_location(output, Path.cwd())
+        storage = Storage(options)
+        if not storage.exists(out):
+            raise InputError(f"OUTPUT {output}: nothing is stored there; give the output location of a batch")
+        summary = build(storage, out, ids)
+    except DbbatchError as e:
+        raise _fail(e) from None
+    t = summary["totals"]
+    typer.echo(f"{t['subjects']} subject(s): {t['succeeded']} succeeded, {t['failed']} failed, {t['flagged']} flagged, "
+               f"{t['pending'] + t['preempted']} not done")
+    typer.echo(f"report: {join(out, REPORT, 'index.html')}")
 
 
 @app.command()

@@ -167,7 +167,8 @@ class CohortRun:
         from dbbatch.checkpoints import StoreCheckpoints
         from dbbatch.images import to_tensor
         from dbbatch.lora import adaptable_layers, adapter_state, attach, detach, resolve_targets
-        from dbbatch.packed_lora import attach_packed, detach_packed, slot_state
+        from dbbatch.packed_lora import attach_packed, detach_packed, only_slot, packed_off, slot_state
+        from dbbatch.scoring import ScoreDuringTraining
         from dbbatch.packed_training import CohortData, CohortModule, Member, make_cohort_loader
         from dbbatch.sampling import encode_prompts
         from dbbatch.training import fit, latent_stats
@@ -202,6 +203,10 @@ class CohortRun:
                                   meta, prior_from_base=prior_from_base)
             loader = make_cohort_loader(CohortData(members, cfg.batch_size, module.noise_scheduler,
                                                    model.vae.config.scaling_factor), cfg.max_steps)
+            scorers = [r.scorer(r.instance_images, weights=lambda k=k: slot_state(model.unet, k),
+                                active=lambda k=k: bool(module.alive[k]), current=lambda k=k: only_slot(model.unet, k),
+                                base=lambda: packed_off(model.unet)) for k, r in enumerate(runs)]
+            scoring = [s for s in scorers if s is not None]
             self.check_leases("choosing a checkpoint")
             resume = self.pick_resume(fingerprints, cfg.max_steps)
             self.b.storage.write_json(join(self.folder, INFO), {"cohort": self.id, "members": self.ids})
@@ -214,7 +219,7 @@ class CohortRun:
                 if task is not None and resume:
                     task.set(resume[1])
                 result = fit(module, loader, cfg, checkpointer, self.work / "logs", str(resume[0]) if resume else None,
-                             task, self.id)
+                             task, self.id, (ScoreDuringTraining(scoring, cfg.max_steps),) if scoring else ())
             finally:
                 if task is not None:
                     task.close()
@@ -227,7 +232,16 @@ class CohortRun:
                         f"(K={len(runs)}; the others went on); lower train.learning_rate and check its photos")))
                     continue
                 losses = module.member_losses[k]
-                out.append((slot_state(model.unet, k), {
+                scorer, evaluated = scorers[k], {}
+                state = slot_state(model.unet, k)
+                if scorer is not None:
+                    published = scorer.published_step(result.steps)
+                    if published != result.steps:
+                        log.info("%s: publishing step %d (the best by %s) instead of the last step %d", r.s.id, published,
+                                 scorer.cfg.selection(), result.steps)
+                        state = scorer.scores.best_weights
+                    evaluated = {"evaluation": scorer.summary(result.steps), "published_step": published}
+                out.append((state, {**evaluated,
                     "steps": result.steps, "final_loss": losses[-1] if losses else None,
                     "mean_loss": sum(losses) / len(losses) if losses else None, "loss_curve": losses,
                     "resumed_from_step": resume[1] if resume else None, "checkpoint_seconds": result.checkpoint_seconds,

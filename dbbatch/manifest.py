@@ -6,6 +6,7 @@ or storage (token splitting, remote reachability) live in `validation.py`.
 
 from __future__ import annotations
 
+import math
 import re
 import string
 import unicodedata
@@ -172,6 +173,77 @@ class SampleConfig(_Strict):
     batch_size: int = Field(8, gt=0)
 
 
+class EvaluationConfig(_Strict):
+    """Scores during training (README: Evaluation): DINO, CLIP-I, CLIP-T, class drift and PRES on fixed prompts and
+    seeds, so the points of one subject (and of subjects with the same settings) compare."""
+
+    clip: Optional[str] = Field(
+        None, description="CLIP model for clip_i, clip_t and class_drift: builtin:toy-clip, a transformers CLIPModel "
+        "folder (local or fsspec URL) or a hub id (e.g. openai/clip-vit-base-patch32). Evaluation is on when clip or "
+        "dino is set.")
+    dino: Optional[str] = Field(
+        None, description="Self-supervised ViT for dino and pres: a transformers ViT or DINOv2 folder (local or fsspec "
+        "URL) or hub id (e.g. facebook/dino-vits16), or a CLIPModel (its vision tower's features; builtin:toy-clip in "
+        "the toy world).")
+    prompts: Optional[list[str]] = Field(
+        None, min_length=1, description="Token prompts to score, with {token} and {class_noun}; null: the sample "
+        "prompts that contain {token} (else the instance prompt).")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1,
+                             description="One image per prompt and seed, the same at every evaluation point.")
+    every: int = Field(100, gt=0, description="Score every N steps and at the last step.")
+    keep: Literal["last", "best"] = Field(
+        "last", description="Which weights are published: last (the last step's) or best (the step select_by scores "
+        "highest).")
+    select_by: Optional[Union[str, dict[str, float]]] = Field(
+        None, description="What 'best' means: a metric (dino, clip_i, clip_t maximised; class_drift, pres "
+        "minimised) or a weighted sum to maximise, e.g. {dino: 1.0, clip_t: 1.0, class_drift: -1.0}. null: dino when "
+        "evaluation.dino is set, else clip_i.")
+    flag_below: dict[str, float] = Field(
+        default_factory=dict, description="Flag the subject for a human when a metric of its published step is below "
+        "this, e.g. {dino: 0.5, clip_t: 0.2}.")
+    flag_above: dict[str, float] = Field(
+        default_factory=dict, description="Flag it when a metric is above this, e.g. {class_drift: 0.3}.")
+
+    @field_validator("select_by")
+    @classmethod
+    def _known_selection(cls, v: Any) -> Any:
+        from dbbatch.evaluation import METRICS
+
+        names = [v] if isinstance(v, str) else list(v or {})
+        if isinstance(v, dict) and not v:
+            raise ValueError(f"must name a metric or weight at least one ({', '.join(METRICS)})")
+        for name in names:
+            if name not in METRICS:
+                close = closest(name, list(METRICS))
+                raise ValueError(f"unknown metric {name!r}; one of {', '.join(METRICS)}" + (f"; did you mean {close!r}?" if close else ""))
+        if isinstance(v, dict) and not all(math.isfinite(w) for w in v.values()):
+            raise ValueError("weights must be finite numbers")
+        return v
+
+    @field_validator("flag_below", "flag_above")
+    @classmethod
+    def _known_flags(cls, v: dict[str, float]) -> dict[str, float]:
+        from dbbatch.evaluation import METRICS
+
+        for name, threshold in v.items():
+            if name not in METRICS:
+                close = closest(name, list(METRICS))
+                raise ValueError(f"unknown metric {name!r}; one of {', '.join(METRICS)}" + (f"; did you mean {close!r}?" if close else ""))
+            if not math.isfinite(threshold):
+                raise ValueError(f"{name}: the threshold must be a finite number, got {threshold}")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.clip or self.dino)
+
+    def selection(self) -> Union[str, dict[str, float]]:
+        """select_by with null resolved."""
+        if self.select_by is not None:
+            return self.select_by
+        return "dino" if self.dino else "clip_i"
+
+
 class SubjectSettings(_Strict):
     """Keys that `defaults:` sets for every subject and each subject may override."""
 
@@ -181,6 +253,8 @@ class SubjectSettings(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     priors: PriorConfig = Field(default_factory=PriorConfig)
     samples: SampleConfig = Field(default_factory=SampleConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Scores during training, best "
+                                         "checkpoint, flags (off unless evaluation.clip or evaluation.dino is set).")
 
 
 class SubjectEntry(SubjectSettings):
@@ -260,11 +334,13 @@ class Subject(BaseModel):
     class_noun: str
     images: list[str]
     resolution: Optional[int]
+    instance_template: str = "a photo of {token} {class_noun}"  # instance_prompt before formatting
     instance_prompt: str
     class_prompt: str
     train: TrainConfig
     priors: PriorConfig
     samples: SampleConfig
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     model_format: str = "full"  # the manifest's model_format, resolved for this subject's train.method
     # Where each tracked setting's value came from: subjects[i], defaults, the base model's file, or dbbatch.
     settings_from: dict[str, str] = Field(default_factory=dict)
@@ -274,6 +350,14 @@ class Subject(BaseModel):
         if self.samples.include_class_prompt and self.class_prompt not in prompts:
             prompts.append(self.class_prompt)
         return prompts
+
+    def evaluation_templates(self) -> list[str]:
+        """The token prompts evaluation scores, unformatted: evaluation.prompts, else the sample prompts that
+        contain {token}, else the instance prompt."""
+        if self.evaluation.prompts:
+            return list(self.evaluation.prompts)
+        with_token = [p for p in self.samples.prompts if "{token}" in p]
+        return with_token or [self.instance_template]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -336,11 +420,12 @@ def _raw_checks(data: dict[str, Any]) -> list[str]:
         for key in ("instance_prompt", "class_prompt"):
             if isinstance(section.get(key), str):
                 problems += _placeholder_problems(section[key], f"{where}.{key}")
-        samples = section.get("samples")
-        if isinstance(samples, dict) and isinstance(samples.get("prompts"), list):
-            for j, p in enumerate(samples["prompts"]):
-                if isinstance(p, str):
-                    problems += _placeholder_problems(p, f"{where}.samples.prompts[{j}]")
+        for name in ("samples", "evaluation"):
+            part = section.get(name)
+            if isinstance(part, dict) and isinstance(part.get("prompts"), list):
+                for j, p in enumerate(part["prompts"]):
+                    if isinstance(p, str):
+                        problems += _placeholder_problems(p, f"{where}.{name}.prompts[{j}]")
     seen: dict[str, int] = {}
     for i, s in enumerate(subjects):
         if not isinstance(s, dict):
@@ -378,6 +463,7 @@ def _merged_checks(m: Manifest) -> list[str]:
         if t.method == "lora" and t.train_text_encoder:
             problems.append(f"{where}.train.train_text_encoder: fine-tunes the whole text encoder, but train.method is "
                             "lora; set train.lora.text_encoder: true for text-encoder adapters")
+        problems += _evaluation_problems(subject.evaluation, t, f"{where}.evaluation", subject.id)
         fmt = m.model_format
         if t.method == "lora" and fmt == "delta":
             problems.append(f"model_format: delta stores fine-tuned components, but {where} ({subject.id}) trains LoRA "
@@ -385,6 +471,39 @@ def _merged_checks(m: Manifest) -> list[str]:
         if t.method == "full" and fmt == "lora":
             problems.append(f"model_format: lora stores LoRA adapters, but {where} ({subject.id}) trains with "
                             "method full; set train.method: lora or model_format full (or delta)")
+    return problems
+
+
+def _evaluation_problems(e: EvaluationConfig, t: TrainConfig, where: str, sid: str) -> list[str]:
+    """Evaluation settings that cannot work together (metrics whose model is not set, keep: best without scores)."""
+    from dbbatch.evaluation import NEEDS
+
+    problems = []
+    if not e.enabled:
+        if e.keep == "best" or e.select_by is not None or e.flag_below or e.flag_above:
+            key = "keep" if e.keep == "best" else "select_by" if e.select_by is not None else "flag_below" if e.flag_below else "flag_above"
+            problems.append(f"{where}.{key}: set, but no evaluation model is ({sid}); set evaluation.clip (and/or "
+                            "evaluation.dino), e.g. clip: builtin:toy-clip on the toy world")
+        return problems
+    for j, template in enumerate(e.prompts or []):
+        if "{token}" not in template:
+            problems.append(f"{where}.prompts[{j}]: {template!r} has no {{token}}; evaluation scores the subject's own "
+                            f"prompts (the class prompt is scored for class_drift and pres already) ({sid})")
+    selection = e.selection()
+    named = [("select_by", m) for m in ([selection] if isinstance(selection, str) else selection)]
+    named += [("flag_below", m) for m in e.flag_below] + [("flag_above", m) for m in e.flag_above]
+    for key, metric in named:
+        model = NEEDS[metric]
+        if getattr(e, model) is None:
+            problems.append(f"{where}.{key}: {metric} needs evaluation.{model}, which is not set ({sid}); set it or "
+                            f"use a metric of evaluation.{'dino' if model == 'clip' else 'clip'}")
+            break
+    if e.keep == "best" and e.every >= t.max_steps:
+        problems.append(f"{where}.every: {e.every} scores only the last step (train.max_steps {t.max_steps}), so keep: "
+                        f"best has nothing to choose from ({sid}); lower every or use keep: last")
+    if e.keep == "best" and t.devices not in ("auto", 1):
+        problems.append(f"{where}.keep: best scores the subject during training, which runs in one process; with "
+                        f"train.devices {t.devices} use keep: last (the last step is still scored) ({sid})")
     return problems
 
 
@@ -405,7 +524,7 @@ def _merge(base: BaseModel, *overrides: BaseModel) -> dict[str, Any]:
 # Settings whose origin `Subject.settings_from` records (config.yaml, `dbbatch validate --show-settings`): the
 # ones a base model may carry, plus any other key its defaults file sets.
 TRACKED_SETTINGS = ("resolution", "train.learning_rate", "train.max_steps", "priors.num_images")
-_SECTIONS = {"train": TrainConfig, "priors": PriorConfig, "samples": SampleConfig}
+_SECTIONS = {"train": TrainConfig, "priors": PriorConfig, "samples": SampleConfig, "evaluation": EvaluationConfig}
 
 
 def _set_paths(settings: SubjectSettings) -> set[str]:
@@ -511,6 +630,8 @@ def resolve_subjects(m: Manifest, base_dir: Optional[Path]) -> list[Subject]:
                 train=_resolved_train(m, TrainConfig(**_merge(TrainConfig(), d.train, s.train))),
                 priors=PriorConfig(**_merge(PriorConfig(), d.priors, s.priors)),
                 samples=SampleConfig(**_merge(SampleConfig(), d.samples, s.samples)),
+                evaluation=EvaluationConfig(**_merge(EvaluationConfig(), d.evaluation, s.evaluation)),
+                instance_template=flat["instance_prompt"],
                 model_format=m.model_format or ("lora" if _method(m, i) == "lora" else "full"),
                 settings_from=settings_sources(m, i),
             )

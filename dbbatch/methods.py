@@ -46,3 +46,20 @@ def reset(model: Any) -> None:
     detach(model)
     model.restore()
     model.freeze()
+
+
+def trained_weights(model: Any) -> dict[str, Any]:
+    """A host-memory copy of every trainable parameter of `model` ("unet.<name>", "text_encoder.<name>"): the
+    weights of one step, for evaluation.keep: best."""
+    return {f"{part}.{name}": p.detach().cpu().clone() for part in ("unet", "text_encoder")
+            for name, p in getattr(model, part).named_parameters() if p.requires_grad}
+
+
+def load_weights(model: Any, weights: dict[str, Any]) -> None:
+    """Put `trained_weights`' copy back into the same parameters."""
+    import torch
+
+    with torch.no_grad():
+        for key, value in weights.items():
+            part, name = key.split(".", 1)
+            getattr(model, part).get_parameter(name).copy_(value)

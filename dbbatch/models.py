@@ -404,23 +404,27 @@ def remote_cache_name(url: str, listing_digest: str) -> str:
     return "remote-" + hashlib.sha256(f"{url}\n{listing_digest}".encode()).hexdigest()[:16]
 
 
-def fetch_remote_folder(url: str, cache_dir: Path, storage: Any) -> Path:
-    """A diffusers folder at an fsspec URL, downloaded once into `cache_dir/models/` and reused while the
-    listing (names, sizes, ETags) is unchanged. Files land in `<name>.part/` first (an interrupted download
-    resumes there) and the folder takes its final name only when complete."""
+def fetch_remote_folder(url: str, cache_dir: Path, storage: Any, marker: str = "model_index.json",
+                        field: str = "base_model") -> Path:
+    """A model folder at an fsspec URL (a diffusers folder; with `marker` config.json, a transformers one),
+    downloaded once into `cache_dir/models/` and reused while the listing (names, sizes, ETags) is unchanged.
+    Files land in `<name>.part/` first (an interrupted download resumes there) and the folder takes its final
+    name only when complete."""
     from dbbatch.storage import listing_digest, redact
 
     files = storage.list_tree(url)
-    if not any(f.rel == "model_index.json" for f in files):
-        raise ModelError(f"base_model {redact(url)!r}: no diffusers folder there (no model_index.json); "
-                         "upload a Stable Diffusion folder saved with save_pretrained, or fix the URL")
+    if not any(f.rel == marker for f in files):
+        what = ("no diffusers folder there (no model_index.json); upload a Stable Diffusion folder saved with "
+                "save_pretrained, or fix the URL") if marker == "model_index.json" else (
+                f"no transformers model folder there (no {marker}); upload one saved with save_pretrained, or fix the URL")
+        raise ModelError(f"{field} {redact(url)!r}: {what}")
     models = cache_dir / "models"
     folder = models / remote_cache_name(url, listing_digest(files))
     if (folder / ".complete").is_file():
-        log.info("base model %s: using the cached copy in %s", redact(url), folder)
+        log.info("%s %s: using the cached copy in %s", field, redact(url), folder)
         return folder
     size = sum(f.size for f in files)
-    log.info("base model %s: downloading %d files (%.1f MiB) to %s", redact(url), len(files), size / 2**20, folder)
+    log.info("%s %s: downloading %d files (%.1f MiB) to %s", field, redact(url), len(files), size / 2**20, folder)
     partial = folder.with_name(folder.name + ".part")
     storage.fetch_tree(url, partial, files)
     (partial / ".complete").write_text(url + "\n")
@@ -434,7 +438,7 @@ def fetch_remote_folder(url: str, cache_dir: Path, storage: Any) -> Path:
     for other in models.glob("remote-*"):
         marker = other / ".complete"
         if other != folder and marker.is_file() and marker.read_text().strip() == url:
-            log.info("base model %s changed; removing the old copy %s", redact(url), other)
+            log.info("%s %s changed; removing the old copy %s", field, redact(url), other)
             shutil.rmtree(other, ignore_errors=True)
     return folder
 

@@ -32,6 +32,7 @@ class PackedLoraLinear(torch.nn.Module):
         self.A = torch.nn.Parameter(a.to(base.weight.device, torch.float32).contiguous())  # K x r x in
         self.B = torch.nn.Parameter(b.to(base.weight.device, torch.float32).contiguous())  # K x out x r
         self.scale, self.dropout, self.enabled = scale, dropout, True
+        self.only: int | None = None  # set: slot `only` applies to the whole batch (rendering one subject)
 
     @property
     def slots(self) -> int:
@@ -41,6 +42,9 @@ class PackedLoraLinear(torch.nn.Module):
         y = self.base(x)
         if not self.enabled:
             return y
+        if self.only is not None:
+            a, b = self.A[self.only], self.B[self.only]
+            return y + (self.scale * (x.to(a.dtype) @ a.T @ b.T)).to(y.dtype)
         k = self.slots
         if x.shape[0] % k:
             raise RuntimeError(f"a packed LoRA layer of {k} subjects got a batch of {x.shape[0]}")
@@ -126,3 +130,16 @@ def packed_off(unet: torch.nn.Module) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.enabled = True
+
+
+@contextlib.contextmanager
+def only_slot(unet: torch.nn.Module, k: int) -> Iterator[None]:
+    """Subject k's model inside: every packed layer applies slot k's adapter to its whole input."""
+    layers = list(packed_layers(unet).values())
+    for layer in layers:
+        layer.only = k
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.only = None

@@ -350,6 +350,21 @@ class Storage:
 
         return [self._url(url, p) for p in self._call("list", url, ls)]
 
+    def list_dirs(self, url: str) -> list[str]:
+        """Folders directly inside a folder, in name order (empty if the folder is missing)."""
+        fs, path = self._fs(url)
+
+        def ls() -> list[str]:
+            try:
+                entries = fs.ls(path, detail=True)
+            except FileNotFoundError as e:
+                if _kind(e) == "no-bucket":
+                    raise
+                return []
+            return sorted(e["name"].rstrip("/") for e in entries if e.get("type") == "directory")
+
+        return [self._url(url, p) for p in self._call("list", url, ls)]
+
     def glob(self, url: str) -> list[str]:
         fs, path = self._fs(url)
         found = self._call("list", url, lambda: fs.glob(path, detail=True))

@@ -407,8 +407,10 @@ def device_count(devices: Any) -> int:
 
 
 def fit(module: DreamBoothModule, loader: Any, train: Any, checkpointer: Any, log_dir: Any,
-        resume_path: Optional[str], progress: Any = None, subject_id: Optional[str] = None) -> TrainResult:
+        resume_path: Optional[str], progress: Any = None, subject_id: Optional[str] = None,
+        before_checkpoints: tuple[Any, ...] = ()) -> TrainResult:
     """Run (or resume) Lightning training for one subject. Preempted propagates after its checkpoint.
+    `before_checkpoints`: callbacks whose step-end work a checkpoint of that step must include (scoring).
 
     With more than one device, only this fit runs in DDP ranks spawned here (see dbbatch/ddp.py); each rank
     trains train.batch_size examples per micro-batch, so the effective batch is devices x batch_size."""
@@ -419,7 +421,7 @@ def fit(module: DreamBoothModule, loader: Any, train: Any, checkpointer: Any, lo
     from dbbatch import signals
 
     module.loader = loader
-    callbacks = [checkpointer]
+    callbacks = [*before_checkpoints, checkpointer]
     on_gpu = torch.cuda.is_available()
     if train.mixed_precision == "fp16" and not on_gpu:
         # Lightning quietly trains fp16 autocast as bf16 on a CPU (no fp16 loss scaling there): say so.

@@ -209,6 +209,7 @@ def check_manifest(manifest: Manifest, base_dir: Optional[Path], storage: Any, c
         found.problems += resolution_problems(manifest, *geometry)
     found.problems += lora_target_problems(manifest, base_dir, storage, check_remote)
     found.warnings += packing_warnings(manifest)
+    found.problems += evaluation_model_problems(manifest, base_dir, storage, check_remote)
     eight_bit = [s.index for s in resolve_subjects(manifest, None) if s.train.optimizer == "adamw8bit"]
     lacking = adamw8bit_lacks() if eight_bit else None
     if lacking:
@@ -286,6 +287,27 @@ def lora_target_problems(manifest: Manifest, base_dir: Optional[Path], storage: 
         if problem:
             problems.setdefault(where, problem)
     return list(problems.values())
+
+
+def evaluation_model_problems(manifest: Manifest, base_dir: Optional[Path], storage: Any, check_remote: bool) -> list[str]:
+    """evaluation.clip / evaluation.dino that cannot be loaded: one line per model, naming the key the user
+    wrote (the subject's own, or `defaults` once for every subject inheriting it). Reads configs, not weights."""
+    from dbbatch import evaluators
+
+    problems, seen = [], set()
+    for subject in resolve_subjects(manifest, None):
+        for key in ("clip", "dino"):
+            source = getattr(subject.evaluation, key)
+            if source is None:
+                continue
+            own = manifest.subjects[subject.index].evaluation.model_fields_set
+            where = f"subjects[{subject.index}].evaluation.{key}" if key in own else f"defaults.evaluation.{key}"
+            if (where, source) in seen:
+                continue
+            seen.add((where, source))
+            if problem := evaluators.check(source, key, base_dir, storage, check_remote):
+                problems.append(f"{where}: {problem}")
+    return problems
 
 
 def packing_warnings(manifest: Manifest) -> list[str]:

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
 STAGE = "_stage.json"
+PHOTOS = "photos.png"
 
 
 @dataclass
@@ -48,6 +49,7 @@ class SubjectResult:
     seconds: float = 0.0
     error_class: Optional[str] = None
     message: Optional[str] = None
+    flags: list[str] = field(default_factory=list)  # why its published step needs a human (evaluation.flag_below/above)
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Batch:
         self.manifest, self.base_dir, self.storage, self.opts, self.reporter = manifest, base_dir, storage, options, reporter
         self._model: Any = None
         self._class_latents: dict[str, Any] = {}  # prior key -> (mean, std): encoded once per batch
+        self._embedders: dict[tuple[str, str], Any] = {}  # (evaluation key, source) -> Embedder: once per process
         self.reset_seconds: list[float] = []  # putting the base model back after each subject (bench/run.py)
         self.device: Any = None
         self.leases = Leases(storage, options.output, options.run_id, options.lease_seconds) if options.leases else None
@@ -103,6 +106,20 @@ class Batch:
             self.model_load_seconds = time.monotonic() - started
             log.info("base model %s loaded in %.1fs (identity %s)", self.manifest.base_model, self.model_load_seconds, self._model.identity)
         return self._model
+
+    def embedders(self, subject: Subject) -> dict[str, Any]:
+        """The subject's evaluation models (evaluation.clip, evaluation.dino), each loaded once per process."""
+        from dbbatch import evaluators
+
+        out = {}
+        for key in ("clip", "dino"):
+            source = getattr(subject.evaluation, key)
+            if source is None:
+                continue
+            if (key, source) not in self._embedders:
+                self._embedders[(key, source)] = evaluators.load(source, key, self.base_dir, self.opts.work_dir / "cache", self.storage)
+            out[key] = self._embedders[(key, source)]
+        return out
 
     def state_of(self, subject: Subject) -> str:
         out = join(self.opts.output, subject.id)
@@ -285,7 +302,7 @@ class Batch:
             metrics = work()
             log.info("%s: done in %.1fs -> %s", subject.id, time.monotonic() - started, out)
             return SubjectResult(subject.id, "succeeded", out, steps=metrics["steps"], final_loss=metrics.get("final_loss"),
-                                 seconds=time.monotonic() - started)
+                                 seconds=time.monotonic() - started, flags=(metrics.get("evaluation") or {}).get("flags", []))
         except Exception as e:  # noqa: BLE001 - one subject never sinks the batch
             return self.failure(subject, e, time.monotonic() - started)
         finally:
@@ -399,6 +416,7 @@ class SubjectRun:
         """The instance photos (decoded) and the class latents (None without prior images)."""
         t = time.monotonic()
         instance_images = self.load_instance_images()
+        self.store_photos(instance_images)
         self._timed("images", t)
         t = time.monotonic()
         from_images = self.s.priors.source == "images"
@@ -406,10 +424,50 @@ class SubjectRun:
         self._timed("priors", t)
         return instance_images, klass
 
+    def store_photos(self, images: list[Any]) -> None:
+        """photos.png: the photos as trained on, in one row (the batch report shows them beside the grid)."""
+        from dbbatch.images import png_bytes
+        from dbbatch.sampling import make_grid
+
+        self.holds_lease("storing photos.png")
+        self.storage.write_bytes(join(self.out, PHOTOS), png_bytes(make_grid(images, len(images))))
+
+    def scorer(self, photos: list[Any], weights: Any = None, active: Any = None, current: Any = None, base: Any = None) -> Any:
+        """The subject's Scorer (None without evaluation). It renders with the shared model inside `current()`
+        (default: as it is), and with the base model inside `base()` (default: LoRA adapters switched off; none
+        for a full fine-tune); `weights` defaults to the model's trainable parameters."""
+        if not self.s.evaluation.enabled:
+            return None
+        from contextlib import nullcontext
+
+        from dbbatch.methods import trained_weights
+        from dbbatch.sampling import generate
+        from dbbatch.scoring import Scorer, Target
+
+        model, cfg = self.b.model, self.s.samples
+        if base is None and self.s.train.method == "lora":
+            from dbbatch.lora import adapters_off
+
+            base = lambda: adapters_off(model.unet, model.text_encoder)  # noqa: E731
+
+        def inside(context: Any) -> Any:
+            def render(prompts: list[str], seeds: list[int]) -> list[Any]:
+                with context():
+                    return generate(model, prompts, seeds, self.resolution, cfg.steps, cfg.guidance_scale,
+                                    cfg.negative_prompt, cfg.batch_size)
+            return render
+
+        target = Target(self.s, photos, inside(current or nullcontext), weights or (lambda: trained_weights(model)),
+                        inside(base) if base is not None else None, active or (lambda: True))
+        t = time.monotonic()
+        embedders = self.b.embedders(self.s)
+        self._timed("load_evaluators", t)
+        return Scorer(target, embedders, self.resolution, self.b.opts.run_id)
+
     def store_model(self, train_metrics: dict[str, Any]) -> None:
         """Upload the fine-tuned model, then record the `trained` stage (a rerun publishes without training)."""
         t = time.monotonic()
-        train_metrics.update(self.publish_model(train_metrics["steps"]))
+        train_metrics.update(self.publish_model(train_metrics.get("published_step", train_metrics["steps"])))
         self.confirm_lease(f"writing {STAGE}")
         self.storage.write_json(join(self.out, STAGE), {"stage": "trained", "train": train_metrics,
                                                         "fingerprint": self.fingerprint(stage=True),
@@ -537,7 +595,8 @@ class SubjectRun:
         from dbbatch.images import to_tensor
         from dbbatch.methods import make_trainable
         from dbbatch.sampling import encode_prompts
-        from dbbatch.training import DreamBoothModule, LatentPairs, TextInputs, fit, latent_stats, make_loader
+        from dbbatch.scoring import ScoreDuringTraining
+        from dbbatch.training import DreamBoothModule, LatentPairs, TextInputs, device_count, fit, latent_stats, make_loader
 
         model, cfg = self.b.model, self.s.train
         if cfg.optimizer == "adamw8bit":
@@ -578,11 +637,18 @@ class SubjectRun:
             log.info("%s: resuming from %s", self.s.id, resume.url)
         checkpointer = StoreCheckpoints(self.storage, ckpt_remote, self.work / "checkpoints", cfg.checkpoint_every,
                                         cfg.checkpoints_keep, cfg.max_steps, guard=self.lease.check if self.lease else None)
+        scorer = self.scorer(instance_images)
+        in_process = device_count(cfg.devices) == 1  # DDP ranks are other processes: scored after training instead
+        if scorer is not None and not in_process and self.s.evaluation.keep == "best":
+            log.warning("%s: evaluation.keep best scores during training, which runs in one process; with %d devices only "
+                        "the last step is scored and published (set train.devices: 1 to choose a best step)",
+                        self.s.id, device_count(cfg.devices))
+        scoring = (ScoreDuringTraining([scorer], cfg.max_steps),) if scorer is not None and in_process else ()
         task = self.b.reporter.start(f"{self.label}train", total=cfg.max_steps, unit="step") if self.b.reporter else None
         try:
             if task is not None and resumed_from:
                 task.set(resumed_from)
-            result = fit(module, loader, cfg, checkpointer, self.work / "logs", resume_path, task, self.s.id)
+            result = fit(module, loader, cfg, checkpointer, self.work / "logs", resume_path, task, self.s.id, scoring)
         finally:
             if task is not None:
                 task.close()
@@ -590,13 +656,33 @@ class SubjectRun:
                 model.unet.disable_gradient_checkpointing()
         model.to(self.b.device)  # Lightning's teardown moved the trained modules to the CPU
         losses = result.losses
-        return {
+        evaluated = self.evaluated(scorer, result.steps, scored_during=bool(scoring))
+        return {**evaluated,
             "steps": result.steps, "final_loss": losses[-1] if losses else None,
             "mean_loss": sum(losses) / len(losses) if losses else None, "loss_curve": losses,
             "resumed_from_step": resumed_from, "checkpoint_seconds": result.checkpoint_seconds,
             "checkpoint_bytes": result.checkpoint_bytes, "priors_generated": getattr(self, "priors_generated", 0),
             "instance_images": len(instance_images), "method": cfg.method, "trainable_parameters": self.trainable_parameters,
         }
+
+    def evaluated(self, scorer: Any, steps: int, scored_during: bool) -> dict[str, Any]:
+        """After training: metrics.json's `evaluation` (scored now at the last step if it was not scored during
+        training), with the best step's weights put into the model when evaluation.keep is best."""
+        if scorer is None:
+            return {}
+        from dbbatch.methods import load_weights
+
+        if not scored_during:
+            self.b.model.unet.eval()
+            if scorer.t.render_base is not None and scorer.scores.baseline is None:
+                scorer.baseline(scorer.t.render_base)
+            scorer.record(steps)
+        published = scorer.published_step(steps)
+        if published != steps:
+            log.info("%s: publishing step %d (the best by %s) instead of the last step %d", self.s.id, published,
+                     scorer.cfg.selection(), steps)
+            load_weights(self.b.model, scorer.scores.best_weights)
+        return {"evaluation": scorer.summary(steps), "published_step": published}
 
     def publish_model(self, steps: int) -> dict[str, Any]:
         """The fine-tuned model, uploaded before the stage is recorded: a diffusers folder (model/, full or delta)
@@ -738,7 +824,7 @@ class SubjectRun:
         grid = join(self.out, "samples", "grid.png")
         self.storage.write_bytes(join(self.out, "lora", "grid.png"), self.storage.read_bytes(grid))
         files = {k.split("/", 1)[1]: v for k, v in train_metrics.get("output_files", {}).items() if k.startswith("lora/")}
-        card = model_card(self.s, self.b.model, train_metrics["steps"], files, "grid.png")
+        card = model_card(self.s, self.b.model, train_metrics.get("published_step", train_metrics["steps"]), files, "grid.png")
         self.storage.write_text(join(self.out, "lora", "README.md"), card)
 
 

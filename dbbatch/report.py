@@ -1,0 +1,290 @@
+"""The batch report: `<output>/_report/index.html` and `summary.json`, built from what is stored only.
+
+Everything comes from the output store: each subject's `metrics.json`, `config.yaml`, grid and `photos.png`,
+and every worker's run records in `_runs/` (all shards, all runs), so `dbbatch report OUTPUT` after a
+Kubernetes Job whose pods each wrote part of the batch sees all of it. A subject is listed once: done
+(`_SUCCESS`), else as its newest run record left it (failed with its error line, preempted, pending).
+
+The page is self-contained (no requests leave it: images are files beside it, the curves are drawn with
+matplotlib, the script that sorts the cards is inline). Subjects that need a human come first: flagged ones
+(a metric of the published step past its evaluation.flag_below / flag_above threshold), then failed ones;
+the cards can be sorted by any metric, and `#sort=<metric>&dir=asc|desc` in the address sorts on load.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+import yaml
+
+from dbbatch.errors import DbbatchError
+from dbbatch.evaluation import LOWER_IS_BETTER, METRICS
+from dbbatch.storage import join
+
+log = logging.getLogger(__name__)
+
+REPORT = "_report"
+GRID, PHOTOS, CURVES = "grid.png", "photos.png", "curves.png"
+
+
+@dataclass
+class Entry:
+    """One subject as the report shows it (summary.json's rows)."""
+
+    id: str
+    status: str  # succeeded | failed | preempted | pending
+    flagged: bool = False
+    flags: list[str] = field(default_factory=list)
+    error: Optional[str] = None  # the one-line error of a failed subject
+    error_class: Optional[str] = None
+    scores: dict[str, Optional[float]] = field(default_factory=dict)  # at the published step
+    baseline: dict[str, Optional[float]] = field(default_factory=dict)  # the base model's
+    steps: Optional[int] = None
+    published_step: Optional[int] = None
+    best_step: Optional[int] = None
+    select_by: Any = None
+    method: Optional[str] = None
+    class_noun: Optional[str] = None
+    token: Optional[str] = None
+    seconds: Optional[float] = None
+    final_loss: Optional[float] = None
+    output: Optional[str] = None
+    run_id: Optional[str] = None
+    cohort: Optional[str] = None
+    images: dict[str, str] = field(default_factory=dict)  # grid / photos / curves -> path relative to the page
+    loss_curve: list[float] = field(default_factory=list)
+    points: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def attention(self) -> int:
+        """0: flagged, 1: not done (failed, preempted, pending), 2: fine. The page's first sort key."""
+        return 0 if self.flagged else 1 if self.status != "succeeded" else 2
+
+
+def _read_json(storage: Any, url: str) -> Optional[Any]:
+    try:
+        return storage.read_json(url)
+    except DbbatchError as e:
+        log.warning("report: cannot read %s: %s", url, e)
+        return None
+
+
+def run_records(storage: Any, output: str) -> list[dict[str, Any]]:
+    """Every stored run record, oldest first (run ids begin with their UTC start time)."""
+    records = []
+    for url in storage.list_files(join(output, "_runs")):
+        if url.endswith(".json") and isinstance(record := _read_json(storage, url), dict):
+            records.append(record)
+    return sorted(records, key=lambda r: str(r.get("run_id", "")))
+
+
+def collect(storage: Any, output: str, subject_ids: Optional[list[str]] = None) -> list[Entry]:
+    """Every subject the store knows (its folder or a run record names it; plus `subject_ids`, a manifest's,
+    listed as pending when nothing is stored), each once, in name order."""
+    runs = run_records(storage, output)
+    last: dict[str, tuple[dict[str, Any], str]] = {}  # id -> (newest record of it that is not 'skipped', run id)
+    for record in runs:
+        for row in record.get("subjects") or []:
+            if isinstance(row, dict) and isinstance(row.get("id"), str) and row.get("status") != "skipped":
+                last[row["id"]] = (row, str(record.get("run_id")))
+    folders = {u.rstrip("/").rsplit("/", 1)[-1] for u in storage.list_dirs(output)}
+    ids = sorted({i for i in folders if not i.startswith(("_", "."))} | set(last) | set(subject_ids or []))
+    return [entry_of(storage, output, sid, last.get(sid)) for sid in ids]
+
+
+def entry_of(storage: Any, output: str, sid: str, last: Optional[tuple[dict[str, Any], str]]) -> Entry:
+    from dbbatch.worker import SUCCESS
+
+    out = join(output, sid)
+    config = {}
+    if storage.exists(join(out, "config.yaml")):
+        try:
+            config = (yaml.safe_load(storage.read_text(join(out, "config.yaml"))) or {}).get("subject") or {}
+        except (DbbatchError, yaml.YAMLError):
+            config = {}
+    metrics = _read_json(storage, join(out, "metrics.json")) if storage.exists(join(out, SUCCESS)) else None
+    if isinstance(metrics, dict):
+        entry = Entry(sid, "succeeded", steps=metrics.get("steps"), seconds=metrics.get("seconds", {}).get("train"),
+                      final_loss=metrics.get("final_loss"), run_id=metrics.get("run_id"), method=metrics.get("method"),
+                      loss_curve=list(metrics.get("loss_curve") or []),
+                      cohort=(metrics.get("cohort") or {}).get("id"), output=out)
+        ev = metrics.get("evaluation")
+        if isinstance(ev, dict):
+            entry.published_step, entry.best_step, entry.select_by = ev.get("published_step"), ev.get("best_step"), ev.get("select_by")
+            entry.scores = {m: (ev.get("published") or {}).get(m) for m in METRICS}
+            entry.baseline = {m: (ev.get("baseline") or {}).get(m) for m in METRICS}
+            entry.flagged, entry.flags = bool(ev.get("flagged")), list(ev.get("flags") or [])
+            entry.points = list(ev.get("points") or [])
+    elif last is not None:
+        row, run_id = last
+        entry = Entry(sid, str(row.get("status") or "pending"), error=row.get("message"), error_class=row.get("error_class"),
+                      seconds=row.get("seconds"), run_id=run_id, output=out)
+    else:
+        entry = Entry(sid, "pending", output=out)
+    entry.class_noun, entry.token = config.get("class_noun"), config.get("token")
+    entry.method = entry.method or (config.get("train") or {}).get("method")
+    return entry
+
+
+def curves_png(entry: Entry) -> bytes:
+    """The loss curve and the metric curves of one subject (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 2.6), dpi=100, layout="constrained")
+    loss_ax, metric_ax = fig.subplots(1, 2)
+    if entry.loss_curve:
+        loss_ax.plot(range(1, len(entry.loss_curve) + 1), entry.loss_curve, lw=0.6, color="#999999", label="loss")
+        window = max(1, len(entry.loss_curve) // 20)
+        if window > 1:
+            smooth = [sum(entry.loss_curve[max(0, i - window + 1) : i + 1]) / len(entry.loss_curve[max(0, i - window + 1) : i + 1])
+                      for i in range(len(entry.loss_curve))]
+            loss_ax.plot(range(1, len(smooth) + 1), smooth, lw=1.4, color="#1f77b4", label=f"mean of {window}")
+        loss_ax.legend(fontsize=7)
+    loss_ax.set_title("training loss", fontsize=9)
+    loss_ax.set_xlabel("step", fontsize=8)
+    points = ([{"step": 0, **entry.baseline}] if any(v is not None for v in entry.baseline.values()) else []) + entry.points
+    for metric in METRICS:
+        xy = [(p["step"], p[metric]) for p in points if p.get(metric) is not None]
+        if xy:
+            metric_ax.plot(*zip(*xy), marker="o", ms=3, lw=1.2, label=metric)
+    if entry.published_step is not None and points:
+        metric_ax.axvline(entry.published_step, color="#2ca02c", ls="--", lw=1, label=f"published {entry.published_step}")
+    metric_ax.set_title("evaluation (step 0: base model)", fontsize=9)
+    metric_ax.set_xlabel("step", fontsize=8)
+    if points:
+        metric_ax.legend(fontsize=6, ncol=2)
+    for ax in (loss_ax, metric_ax):
+        ax.tick_params(labelsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+
+
+def _card(e: Entry) -> str:
+    data = " ".join(f'data-{m.replace("_", "-")}="{"" if e.scores.get(m) is None else e.scores[m]}"' for m in METRICS)
+    badge = "flagged" if e.flagged else e.status
+    rows = "".join(
+        f"<tr><th>{m}{' ↓' if m in LOWER_IS_BETTER else ''}</th><td>{_fmt(e.scores.get(m))}</td><td>{_fmt(e.baseline.get(m))}</td></tr>"
+        for m in METRICS if e.scores.get(m) is not None or e.baseline.get(m) is not None)
+    table = f'<table class="scores"><tr><th></th><th>published</th><th>base</th></tr>{rows}</table>' if rows else ""
+    imgs = "".join(f'<figure><img src="{html.escape(e.images[k])}" alt="{k} of {html.escape(e.id)}"><figcaption>{k}</figcaption></figure>'
+                   for k in ("grid", "photos", "curves") if k in e.images)
+    facts = [f"{e.method}" if e.method else None, f"class {html.escape(e.class_noun)}" if e.class_noun else None,
+             f"{e.steps} steps" if e.steps is not None else None,
+             f"published step {e.published_step} (best {e.best_step})" if e.published_step is not None else None,
+             f"cohort {html.escape(e.cohort)}" if e.cohort else None, f"{e.seconds:.0f} s training" if e.seconds else None]
+    flags = "".join(f"<li>{html.escape(f)}</li>" for f in e.flags)
+    error = f'<p class="error">{html.escape(e.error_class or "")}: {html.escape(e.error)}</p>' if e.error else ""
+    return (f'<section class="card {badge}" data-id="{html.escape(e.id)}" data-status="{e.status}" '
+            f'data-flagged="{str(e.flagged).lower()}" data-attention="{e.attention}" {data}>'
+            f'<h2>{html.escape(e.id)} <span class="badge">{badge}</span></h2>'
+            f'<p class="facts">{" · ".join(f for f in facts if f)}</p>'
+            f'{"<ul class=flags>" + flags + "</ul>" if flags else ""}{error}{table}<div class="images">{imgs}</div></section>')
+
+
+STYLE = """
+body{font:14px system-ui,sans-serif;margin:1.5em;background:#fafafa;color:#222}
+.totals td,.totals th{padding:2px 10px;text-align:left} .card{background:#fff;border:1px solid #ddd;border-radius:6px;
+padding:10px 14px;margin:12px 0} .card.flagged{border-left:6px solid #d62728} .card.failed,.card.preempted,.card.pending
+{border-left:6px solid #ff7f0e} .badge{font-size:12px;padding:1px 6px;border-radius:8px;background:#eee}
+.flagged .badge{background:#d62728;color:#fff} .failed .badge{background:#ff7f0e;color:#fff} .error{color:#b00}
+.flags{color:#d62728;margin:4px 0} .scores td,.scores th{padding:1px 8px;text-align:right} .images{display:flex;
+flex-wrap:wrap;gap:10px} figure{margin:0} figure img{max-height:260px;image-rendering:pixelated;border:1px solid #eee}
+figcaption{font-size:11px;color:#777} .facts{color:#555;margin:2px 0}
+"""
+
+SCRIPT = """
+function sortCards(metric, dir) {
+  const box = document.getElementById('cards');
+  const cards = Array.from(box.children);
+  const key = c => { const v = c.dataset[metric.replace(/_(.)/g, (m, x) => x.toUpperCase())]; return v === '' || v === undefined ? null : parseFloat(v); };
+  cards.sort((a, b) => {
+    const ga = +a.dataset.attention, gb = +b.dataset.attention;
+    if (ga !== gb) return ga - gb;               // flagged first, then not done, then the rest
+    if (metric === 'id') return a.dataset.id < b.dataset.id ? -1 : 1;
+    const va = key(a), vb = key(b);
+    if (va === null && vb === null) return a.dataset.id < b.dataset.id ? -1 : 1;
+    if (va === null) return 1; if (vb === null) return -1;
+    return dir === 'asc' ? va - vb : vb - va;
+  });
+  cards.forEach(c => box.appendChild(c));
+  document.body.dataset.sortedBy = metric + ':' + dir;
+  document.getElementById('sort').value = metric; document.getElementById('dir').value = dir;
+}
+function fromHash() {
+  const h = new URLSearchParams(location.hash.slice(1));
+  sortCards(h.get('sort') || 'id', h.get('dir') || 'desc');
+}
+window.addEventListener('hashchange', fromHash);
+document.addEventListener('DOMContentLoaded', () => {
+  const go = () => sortCards(document.getElementById('sort').value, document.getElementById('dir').value);
+  document.getElementById('sort').addEventListener('change', go);
+  document.getElementById('dir').addEventListener('change', go);
+  fromHash();
+});
+"""
+
+
+def totals(entries: list[Entry]) -> dict[str, Any]:
+    count = lambda status: sum(e.status == status for e in entries)  # noqa: E731
+    return {"subjects": len(entries), "succeeded": count("succeeded"), "failed": count("failed"),
+            "preempted": count("preempted"), "pending": count("pending"), "flagged": sum(e.flagged for e in entries),
+            "evaluated": sum(bool(e.points) for e in entries),
+            "train_seconds": round(sum(e.seconds or 0 for e in entries if e.status == "succeeded"), 1)}
+
+
+def page(entries: list[Entry], output: str, generated_at: str) -> str:
+    t = totals(entries)
+    ordered = sorted(entries, key=lambda e: (e.attention, e.id))
+    cells = "".join(f"<th>{k.replace('_', ' ')}</th><td>{v}</td>" for k, v in t.items())
+    options = "".join(f'<option value="{m}">{m}</option>' for m in ("id", *METRICS))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>dbbatch report: {html.escape(output)}</title>
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<style>{STYLE}</style></head>
+<body data-sorted-by="">
+<h1>dbbatch report</h1>
+<p>{html.escape(output)} · generated {html.escape(generated_at)} · machine-readable: <a href="summary.json">summary.json</a></p>
+<table class="totals" id="totals"><tr>{cells}</tr></table>
+<p>Sort by <select id="sort">{options}</select> <select id="dir"><option value="desc">highest first</option>
+<option value="asc">lowest first</option></select> (flagged subjects, then unfinished ones, stay on top)</p>
+<div id="cards">{"".join(_card(e) for e in ordered)}</div>
+<script>{SCRIPT}</script>
+</body></html>
+"""
+
+
+def build(storage: Any, output: str, subject_ids: Optional[list[str]] = None) -> dict[str, Any]:
+    """Write `<output>/_report/` (index.html, summary.json, each subject's images) from what is stored.
+    Returns summary.json's content."""
+    entries = collect(storage, output, subject_ids)
+    folder = join(output, REPORT)
+    for e in entries:
+        out = join(output, e.id)
+        for key, src in (("grid", join(out, "samples", GRID)), ("photos", join(out, PHOTOS))):
+            if e.status == "succeeded" and storage.exists(src):
+                storage.write_bytes(join(folder, e.id, f"{key}.png"), storage.read_bytes(src))
+                e.images[key] = f"{e.id}/{key}.png"
+        if e.status == "succeeded" and (e.loss_curve or e.points):
+            storage.write_bytes(join(folder, e.id, CURVES), curves_png(e))
+            e.images["curves"] = f"{e.id}/{CURVES}"
+    generated_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    summary = {"output": output, "generated_at": generated_at, "totals": totals(entries),
+               "subjects": [{k: v for k, v in asdict(e).items() if k not in ("loss_curve",)} for e in
+                            sorted(entries, key=lambda e: (e.attention, e.id))]}
+    storage.write_text(join(folder, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    storage.write_text(join(folder, "index.html"), page(entries, output, generated_at))
+    return summary
