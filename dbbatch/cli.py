@@ -281,9 +281,10 @@ def run(
         except DbbatchError as e:
             log.error("could not write --report: %s", e)
     _print_table(results)
-    page = _refresh_report(storage, out, [s.id for s in resolve_subjects(m, base_dir)])
-    if page:
-        typer.echo(f"report: {page}")
+    if not preempted:  # a preempted pod's grace period is for its checkpoint and exit code, not the report
+        page = _refresh_report(storage, out, [s.id for s in resolve_subjects(m, base_dir)])
+        if page:
+            typer.echo(f"report: {page}")
     if preempted:
         log.warning("preempted: %s to exit took %.2fs; rerun to resume", signals.name(), signals.seconds_since_request())
         raise typer.Exit(signals.exit_code())  # EXIT_PREEMPTED, or EXIT_INTERRUPTED after SIGINT
@@ -381,8 +382,8 @@ def _refresh_report(storage: Any, output: str, subject_ids: Optional[list[str]])
 
     try:
         build(storage, output, subject_ids)
-    except DbbatchError as e:
-        log.error("could not write the batch report: %s", e)
+    except Exception as e:  # noqa: BLE001 - the report is derived from stored results; it never fails the run
+        log.error("could not write the batch report (`dbbatch report %s` rebuilds it): %s: %s", output, type(e).__name__, e)
         return None
     return join(output, REPORT, "index.html")
 

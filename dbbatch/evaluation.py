@@ -120,9 +120,12 @@ def best_step(points: Sequence[Mapping[str, Any]], select_by: SelectBy) -> Optio
 
 
 def flags(point: Optional[Mapping[str, Any]], flag_below: Mapping[str, float],
-          flag_above: Mapping[str, float]) -> list[str]:
+          flag_above: Mapping[str, float], not_improved: Sequence[str] = (),
+          baseline: Optional[Mapping[str, Any]] = None) -> list[str]:
     """Why a subject needs a human: each named metric of its published point below (or, for flag_above,
-    above) its threshold, as "dino 0.41 < 0.5". A metric that was not computed there is not flagged."""
+    above) its threshold, as "dino 0.41 < 0.5"; each metric of `not_improved` no better than the base model's
+    (`baseline`, step 0), as "dino 0.127 not above the base model's 0.145". A metric that was not computed
+    there is not flagged."""
     if point is None:
         return []
     out = []
@@ -134,6 +137,13 @@ def flags(point: Optional[Mapping[str, Any]], flag_below: Mapping[str, float],
         v = point.get(metric)
         if v is not None and v > threshold:
             out.append(f"{metric} {v:.3f} > {threshold:g}")
+    for metric in not_improved:
+        v, base = point.get(metric), (baseline or {}).get(metric)
+        if v is None or base is None:
+            continue
+        lower = metric in LOWER_IS_BETTER
+        if (v >= base) if lower else (v <= base):
+            out.append(f"{metric} {v:.3f} not {'below' if lower else 'above'} the base model's {base:.3f}")
     return out
 
 

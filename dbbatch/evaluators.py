@@ -6,8 +6,12 @@ in eval mode with gradients off; they are never trained. `check` answers `dbbatc
 without loading weights.
 
 Features: CLIP images and texts through their projections (CLIP-I, CLIP-T, class drift); DINO from the CLS
-token of a ViT or DINOv2 (the paper's ViT-S/16 DINO), or from a CLIPModel's vision tower before its
-projection (how the toy world stands in for DINO, having no self-supervised ViT of its own).
+token of a ViT or DINOv2 (the paper's ViT-S/16 DINO). A CLIPModel named as `dino` (how the toy world stands in
+for DINO, having no self-supervised ViT of its own) gives its vision tower's last-layer patch tokens, flattened
+in image order: a CLIP's pooled embedding is trained to match captions, and the toy world's captions name
+colours, not layouts, so it barely tells a blue/yellow split square from a plain blue one (measured: the base
+model and a trained subject 0.65 and 0.62-0.67 from the photos), while the patch tokens keep where each colour
+is, as DINO's features keep what the subject looks like (0.05 and 0.38-0.47; docs/toy-world.md).
 """
 
 from __future__ import annotations
@@ -51,8 +55,11 @@ class Embedder:
             pixels = pixels.to(self.device, next(self.model.parameters()).dtype)
             with torch.no_grad():
                 if self.model.config.model_type == "clip":
-                    pooled = self.model.vision_model(pixel_values=pixels).pooler_output
-                    features = self.model.visual_projection(pooled) if self.kind == "clip" else pooled
+                    vision = self.model.vision_model(pixel_values=pixels)
+                    if self.kind == "clip":
+                        features = self.model.visual_projection(vision.pooler_output)
+                    else:  # a CLIP standing in for DINO: its patch tokens, in image order (see the module's doc)
+                        features = vision.last_hidden_state[:, 1:].flatten(1)
                 else:
                     features = self.model(pixel_values=pixels).last_hidden_state[:, 0]
             rows.append(features.float().cpu().numpy())

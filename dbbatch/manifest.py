@@ -203,6 +203,9 @@ class EvaluationConfig(_Strict):
         "this, e.g. {dino: 0.5, clip_t: 0.2}.")
     flag_above: dict[str, float] = Field(
         default_factory=dict, description="Flag it when a metric is above this, e.g. {class_drift: 0.3}.")
+    flag_not_improved: list[str] = Field(
+        default_factory=list, description="Flag it when a metric of its published step is no better than the base "
+        "model's (step 0) on the same prompts and seeds, e.g. [dino]: a threshold that needs no tuning per class.")
 
     @field_validator("select_by")
     @classmethod
@@ -231,6 +234,20 @@ class EvaluationConfig(_Strict):
                 raise ValueError(f"unknown metric {name!r}; one of {', '.join(METRICS)}" + (f"; did you mean {close!r}?" if close else ""))
             if not math.isfinite(threshold):
                 raise ValueError(f"{name}: the threshold must be a finite number, got {threshold}")
+        return v
+
+    @field_validator("flag_not_improved")
+    @classmethod
+    def _improvable(cls, v: list[str]) -> list[str]:
+        from dbbatch.evaluation import METRICS
+
+        for name in v:
+            if name == "class_drift":
+                raise ValueError("class_drift is 0 for the base model by definition, so it cannot improve on it; use "
+                                 "flag_above: {class_drift: ...}")
+            if name not in METRICS:
+                close = closest(name, list(METRICS))
+                raise ValueError(f"unknown metric {name!r}; one of {', '.join(METRICS)}" + (f"; did you mean {close!r}?" if close else ""))
         return v
 
     @property
@@ -480,8 +497,11 @@ def _evaluation_problems(e: EvaluationConfig, t: TrainConfig, where: str, sid: s
 
     problems = []
     if not e.enabled:
-        if e.keep == "best" or e.select_by is not None or e.flag_below or e.flag_above:
-            key = "keep" if e.keep == "best" else "select_by" if e.select_by is not None else "flag_below" if e.flag_below else "flag_above"
+        set_keys = [k for k, on in (("keep", e.keep == "best"), ("select_by", e.select_by is not None),
+                                    ("flag_below", e.flag_below), ("flag_above", e.flag_above),
+                                    ("flag_not_improved", e.flag_not_improved)) if on]
+        if set_keys:
+            key = set_keys[0]
             problems.append(f"{where}.{key}: set, but no evaluation model is ({sid}); set evaluation.clip (and/or "
                             "evaluation.dino), e.g. clip: builtin:toy-clip on the toy world")
         return problems
@@ -492,6 +512,7 @@ def _evaluation_problems(e: EvaluationConfig, t: TrainConfig, where: str, sid: s
     selection = e.selection()
     named = [("select_by", m) for m in ([selection] if isinstance(selection, str) else selection)]
     named += [("flag_below", m) for m in e.flag_below] + [("flag_above", m) for m in e.flag_above]
+    named += [("flag_not_improved", m) for m in e.flag_not_improved]
     for key, metric in named:
         model = NEEDS[metric]
         if getattr(e, model) is None:

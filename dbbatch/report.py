@@ -267,13 +267,36 @@ def page(entries: list[Entry], output: str, generated_at: str) -> str:
 """
 
 
+def previous_rows(storage: Any, folder: str) -> dict[str, dict[str, Any]]:
+    """The rows of the summary.json an earlier build left, by subject id ({} when there is none)."""
+    url = join(folder, "summary.json")
+    previous = _read_json(storage, url) if storage.exists(url) else None
+    rows = previous.get("subjects") if isinstance(previous, dict) else None
+    return {r["id"]: r for r in rows or [] if isinstance(r, dict) and isinstance(r.get("id"), str)}
+
+
+def reusable(storage: Any, folder: str, entry: Entry, row: Optional[dict[str, Any]]) -> bool:
+    """Whether an earlier build's images of this subject are still its own: the same published run and step,
+    and every image still there. A batch of hundreds of subjects is then not copied and re-plotted at the end
+    of every shard."""
+    if entry.status != "succeeded" or not row or not isinstance(row.get("images"), dict) or not row["images"]:
+        return False
+    same = (row.get("status"), row.get("run_id"), row.get("published_step"), row.get("steps")) == \
+        ("succeeded", entry.run_id, entry.published_step, entry.steps)
+    return same and all(isinstance(v, str) and storage.exists(join(folder, v)) for v in row["images"].values())
+
+
 def build(storage: Any, output: str, subject_ids: Optional[list[str]] = None) -> dict[str, Any]:
     """Write `<output>/_report/` (index.html, summary.json, each subject's images) from what is stored.
     Returns summary.json's content."""
     entries = collect(storage, output, subject_ids)
     folder = join(output, REPORT)
+    before = previous_rows(storage, folder)
     for e in entries:
         out = join(output, e.id)
+        if reusable(storage, folder, e, before.get(e.id)):
+            e.images = dict(before[e.id]["images"])
+            continue
         for key, src in (("grid", join(out, "samples", GRID)), ("photos", join(out, PHOTOS))):
             if e.status == "succeeded" and storage.exists(src):
                 storage.write_bytes(join(folder, e.id, f"{key}.png"), storage.read_bytes(src))

@@ -149,7 +149,8 @@ class Scorer:
         """metrics.json's `evaluation`: every point, the winner, the published step and its flags."""
         published = self.published_step(last_step)
         at = next((p for p in self.scores.points if p["step"] == published), None)
-        flags = evaluation.flags(at, self.cfg.flag_below, self.cfg.flag_above)
+        flags = evaluation.flags(at, self.cfg.flag_below, self.cfg.flag_above, self.cfg.flag_not_improved,
+                                 self.scores.baseline)
         return {"select_by": self.cfg.selection(), "keep": self.cfg.keep, "best_step": self.scores.best_step,
                 "published_step": published, "points": self.scores.points, "baseline": self.scores.baseline,
                 "published": at, "flagged": bool(flags), "flags": flags,

@@ -49,7 +49,7 @@ class SubjectResult:
     seconds: float = 0.0
     error_class: Optional[str] = None
     message: Optional[str] = None
-    flags: list[str] = field(default_factory=list)  # why its published step needs a human (evaluation.flag_below/above)
+    flags: list[str] = field(default_factory=list)  # why its published step needs a human (evaluation.flag_*)
 
 
 @dataclass

@@ -81,29 +81,45 @@ def lora_subjects(photos: Path, seeds: list[int]) -> list[dict[str, Any]]:
     return out
 
 
+# Scored during training (issue 14) with the toy world's CLIP as CLIP and as DINO: the instance prompt and the
+# token prompt on the test backgrounds, 8 seeds, at the last step (and the base model's step 0).
+EVALUATION_PROMPTS = ["a photo of a {token} {class_noun}"] + [
+    TOKEN_PROMPT.format(background=b).replace("sks", "{token}").replace(SUBJECT_SHAPE, "{class_noun}") for b in TEST_BACKGROUNDS]
+# below: flagged. Patch-token cosines (evaluators.py) can be negative: measured, the base model -0.15, the 5-step
+# subject -0.11, the 500-step ones 0.06-0.23 (docs/toy-world.md)
+FLAG_DINO = -0.05
+EVALUATION = {"clip": "builtin:toy-clip", "dino": "builtin:toy-clip", "prompts": EVALUATION_PROMPTS,
+              "seeds": list(range(8)), "every": 500, "flag_below": {"dino": FLAG_DINO}}
+UNDERTRAINED = {"id": "undertrained", "train": {"max_steps": 5}}  # deliberately under-trained: few steps
+
+
 def run_ids(seeds: list[int]) -> list[tuple[str, int, bool]]:
     return [(f"seed{s}-{'prior' if p else 'noprior'}", s, p) for s in seeds for p in (True, False)]
 
 
-def dreambooth_manifest(path: Path, output: Path, photos: Path, seeds: list[int]) -> Path:
-    """Only the base model and its subjects: the training settings are the ones toy-sd carries."""
+def dreambooth_manifest(path: Path, output: Path, photos: Path, seeds: list[int], undertrained: bool = False) -> Path:
+    """The base model, `evaluation` and the subjects: the training settings are the ones toy-sd carries. With
+    `undertrained`, also a subject of a few steps (UNDERTRAINED)."""
     import yaml
 
     subjects = [{"id": rid, "token": "sks", "class_noun": SUBJECT_SHAPE, "images": str(photos),
                  "train": {"seed": seed, "with_prior_preservation": prior}} for rid, seed, prior in run_ids(seeds)]
-    doc = {"version": 1, "base_model": "builtin:toy-sd", "output": str(output), "subjects": subjects}
+    if undertrained:
+        subjects.append({**UNDERTRAINED, "token": "sks", "class_noun": SUBJECT_SHAPE, "images": str(photos)})
+    doc = {"version": 1, "base_model": "builtin:toy-sd", "output": str(output), "defaults": {"evaluation": EVALUATION},
+           "subjects": subjects}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
-def run_dreambooth(work: Path, seeds: list[int], env: dict[str, str], lora: bool = False) -> Path:
-    """Draw the photos, `dbbatch run` every (seed, prior) subject, or with `lora` every (seed, LORA_VARIANTS)
-    subject; returns the output folder."""
+def run_dreambooth(work: Path, seeds: list[int], env: dict[str, str], lora: bool = False, undertrained: bool = False) -> Path:
+    """Draw the photos, `dbbatch run` every (seed, prior) subject (and the under-trained one), or with `lora`
+    every (seed, LORA_VARIANTS) subject; returns the output folder."""
     import yaml
 
     photos = work / "photos"
     draw_subject_photos(photos)
-    manifest = dreambooth_manifest(work / "dreambooth.yaml", work / "out", photos, seeds)
+    manifest = dreambooth_manifest(work / "dreambooth.yaml", work / "out", photos, seeds, undertrained)
     if lora:
         doc = {"version": 1, "base_model": "builtin:toy-sd", "output": str(work / "out"), "subjects": lora_subjects(photos, seeds)}
         manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -202,6 +218,17 @@ def dreambooth_results(out: Path, seeds: list[int], sample_seeds: list[int], cac
     return {rid: subject_scores(base, out / rid / "model", sample_seeds) for rid, _, _ in run_ids(seeds)}
 
 
+def evaluation_results(out: Path, ids: list[str]) -> dict[str, dict[str, float]]:
+    """Each subject's scores from its metrics.json: the base model's (step 0) and the published step's."""
+    rows = {}
+    for sid in ids:
+        e = json.loads((out / sid / "metrics.json").read_text())["evaluation"]
+        rows[sid] = {**{f"base_{m}": e["baseline"][m] for m in ("dino", "clip_i")},
+                     **{m: e["published"][m] for m in ("dino", "clip_i", "clip_t", "class_drift", "pres")},
+                     "flagged": float(e["flagged"])}
+    return rows
+
+
 def table(results: dict[str, dict[str, float]]) -> str:
     keys = list(next(iter(results.values())))
     lines = ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -242,11 +269,13 @@ def main() -> int:
     following = prompt_following(base)
     print("prompt following (48 held-out prompts):", following, flush=True)
     t1 = time.time()
-    out = run_dreambooth(args.out, args.seeds, env)
+    out = run_dreambooth(args.out, args.seeds, env, undertrained=True)
     t2 = time.time()
     results = dreambooth_results(out, args.seeds, list(range(args.sample_seeds)), args.out / "work")
     print(table(results))
-    record = {"prompt_following": following, "dreambooth": results, "seeds": args.seeds,
+    scores = evaluation_results(out, [rid for rid, _, _ in run_ids(args.seeds)] + [UNDERTRAINED["id"]])
+    print(table(scores))
+    record = {"prompt_following": following, "dreambooth": results, "evaluation": scores, "seeds": args.seeds,
               "sample_seeds": args.sample_seeds, "seconds": {"prompt_following": round(t1 - t0, 1),
                                                               "dreambooth_runs": round(t2 - t1, 1)}}
     if args.json:

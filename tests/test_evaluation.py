@@ -63,6 +63,10 @@ def test_flags_and_evaluation_points():
     assert ev.flags(point, {"dino": 0.5, "clip_t": 0.2, "pres": 0.9}, {"class_drift": 0.3}) == [
         "dino 0.410 < 0.5", "class_drift 0.500 > 0.3"]
     assert ev.flags(point, {"dino": 0.4}, {}) == [] and ev.flags(None, {"dino": 0.4}, {}) == []
+    base = {"dino": 0.45, "clip_t": 0.2, "class_drift": 0.0, "pres": 0.1}
+    assert ev.flags({**point, "pres": 0.1}, {}, {}, ["dino", "clip_t", "pres"], base) == [
+        "dino 0.410 not above the base model's 0.450", "pres 0.100 not below the base model's 0.100"]
+    assert ev.flags(point, {}, {}, ["dino"], None) == []  # no base-model point: nothing to compare with
     assert [s for s in range(0, 13) if ev.due(s, 5, 12)] == [5, 10, 12]
 
 
@@ -232,7 +236,12 @@ def test_the_report_from_two_shards_lists_every_subject_once(report_batch):
     assert "5 subject(s): 3 succeeded, 1 failed, 1 flagged, 1 not done" in proc.stdout
     proc = run_cli("report", str(out.parent / "nothing-here"))
     assert proc.returncode == 2 and "nothing is stored there" in proc.stderr
-    assert run_cli("report", str(out)).returncode == 0  # the batch's own page again, for the browser test
+    # the batch's own page again (for the browser test): images of unchanged subjects are reused, not redrawn
+    drawn = (out / "_report" / "a" / "curves.png").stat().st_mtime_ns
+    (out / "_report" / "b" / "curves.png").unlink()
+    assert run_cli("report", str(out)).returncode == 0
+    assert (out / "_report" / "a" / "curves.png").stat().st_mtime_ns == drawn
+    assert (out / "_report" / "b" / "curves.png").exists()  # a missing image is drawn again
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -113,6 +113,13 @@ def broken_tokenizer_folder(d: Path) -> None:
     (d / "broken" / "tokenizer" / "vocab.json").write_text("<html>rate limited</html>")
 
 
+def evaluator_folder(d: Path, name: str, config: dict[str, Any]) -> None:
+    """A transformers model folder as far as validate reads it: config.json and a weights file, no processor."""
+    (d / name).mkdir()
+    (d / name / "config.json").write_text(json.dumps(config))
+    (d / name / "model.safetensors").write_bytes(b"\0" * 16)
+
+
 def not_diffusers_folder(d: Path) -> None:
     (d / "weights").mkdir()
     (d / "weights" / "model.ckpt").write_bytes(b"\0" * 16)
@@ -269,6 +276,55 @@ MANIFEST_CASES = [
         "m.yaml: packing.subjects_per_step: must be a whole number, got 'eight'"]),
     ManifestCase("packing-key-typo", doc(packing={"subjects": 8}), 2, [
         "m.yaml: packing.subjects: unknown key; did you mean 'subjects_per_step'?"]),
+    # evaluation (issue 14)
+    ManifestCase("evaluation-builtin-typo", doc(defaults={"evaluation": {"clip": "builtin:toy-clp"}}), 2, [
+        "m.yaml: defaults.evaluation.clip: unknown built-in evaluation model 'builtin:toy-clp'; available: "
+        "builtin:toy-clip; did you mean 'builtin:toy-clip'?"]),
+    ManifestCase("evaluation-model-missing", doc(subject(evaluation={"dino": "./no-such-dino"})), 2, [
+        "m.yaml: subjects[0].evaluation.dino: './no-such-dino': no such folder ({dir}/no-such-dino); give a "
+        "transformers model folder, an fsspec URL or a hub id"]),
+    ManifestCase("evaluation-model-wrong-kind", doc(subject(evaluation={"clip": "./bert"})), 2, [
+        "m.yaml: subjects[0].evaluation.clip: './bert': a 'bert' model (config.json model_type), but clip needs a "
+        "CLIPModel"], setup=lambda d: evaluator_folder(d, "bert", {"model_type": "bert"})),
+    ManifestCase("evaluation-model-no-processor", doc(subject(evaluation={"clip": "./clip"})), 2, [
+        "m.yaml: subjects[0].evaluation.clip: './clip': no preprocessor_config.json (the image processor) in it; save "
+        "the processor beside the model"], setup=lambda d: evaluator_folder(d, "clip", {"model_type": "clip"})),
+    ManifestCase("evaluation-select-by-typo", doc(subject(evaluation={"clip": "builtin:toy-clip", "select_by": "clip-i"})), 2, [
+        "m.yaml: subjects[0].evaluation.select_by: unknown metric 'clip-i'; one of dino, clip_i, clip_t, class_drift, "
+        "pres; did you mean 'clip_i'?"]),
+    ManifestCase("evaluation-select-by-empty", doc(subject(evaluation={"clip": "builtin:toy-clip", "select_by": {}})), 2, [
+        "m.yaml: subjects[0].evaluation.select_by: must name a metric or weight at least one (dino, clip_i, clip_t, "
+        "class_drift, pres)"]),
+    ManifestCase("evaluation-metric-without-its-model", doc(subject(evaluation={"clip": "builtin:toy-clip", "select_by": "dino"})), 2, [
+        "m.yaml: subjects[0].evaluation.select_by: dino needs evaluation.dino, which is not set (rex); set it or use a "
+        "metric of evaluation.clip"]),
+    ManifestCase("evaluation-keep-best-without-a-model", doc(subject(evaluation={"keep": "best"})), 2, [
+        "m.yaml: subjects[0].evaluation.keep: set, but no evaluation model is (rex); set evaluation.clip (and/or "
+        "evaluation.dino), e.g. clip: builtin:toy-clip on the toy world"]),
+    ManifestCase("evaluation-keep-best-one-point", doc(subject(evaluation={"clip": "builtin:toy-clip", "keep": "best", "every": 500})), 2, [
+        "m.yaml: subjects[0].evaluation.every: 500 scores only the last step (train.max_steps 400), so keep: best has "
+        "nothing to choose from (rex); lower every or use keep: last"]),
+    ManifestCase("evaluation-every-zero", doc(defaults={"evaluation": {"every": 0}}), 2, [
+        "m.yaml: defaults.evaluation.every: must be > 0, got 0"]),
+    ManifestCase("evaluation-flag-threshold-nan", doc(subject(evaluation={"clip": "builtin:toy-clip", "flag_below": {"clip_t": float("nan")}})), 2, [
+        "m.yaml: subjects[0].evaluation.flag_below: clip_t: the threshold must be a finite number, got nan"]),
+    ManifestCase("evaluation-flag-metric-typo", doc(subject(evaluation={"clip": "builtin:toy-clip", "flag_above": {"drift": 0.3}})), 2, [
+        "m.yaml: subjects[0].evaluation.flag_above: unknown metric 'drift'; one of dino, clip_i, clip_t, class_drift, "
+        "pres; did you mean 'class_drift'?"]),
+    ManifestCase("evaluation-not-improved-class-drift", doc(subject(evaluation={"clip": "builtin:toy-clip", "flag_not_improved": ["class_drift"]})), 2, [
+        "m.yaml: subjects[0].evaluation.flag_not_improved: class_drift is 0 for the base model by definition, so it "
+        "cannot improve on it; use flag_above: {class_drift: ...}"]),
+    ManifestCase("evaluation-not-improved-without-its-model", doc(subject(evaluation={"clip": "builtin:toy-clip", "flag_not_improved": ["dino"]})), 2, [
+        "m.yaml: subjects[0].evaluation.flag_not_improved: dino needs evaluation.dino, which is not set (rex); set it or "
+        "use a metric of evaluation.clip"]),
+    ManifestCase("evaluation-prompt-without-token", doc(subject(evaluation={"clip": "builtin:toy-clip", "prompts": ["a photo of a {class_noun}"]})), 2, [
+        "m.yaml: subjects[0].evaluation.prompts[0]: 'a photo of a {class_noun}' has no {token}; evaluation scores the "
+        "subject's own prompts (the class prompt is scored for class_drift and pres already) (rex)"]),
+    ManifestCase("evaluation-prompt-placeholder-typo", doc(defaults={"evaluation": {"prompts": ["a {tokn} {class_noun}"]}}), 2, [
+        "m.yaml: defaults.evaluation.prompts[0]: unknown placeholder {tokn} in 'a {tokn} {class_noun}'; did you mean "
+        "{token}? (available: {token}, {class_noun})"]),
+    ManifestCase("evaluation-key-typo", doc(defaults={"evaluation": {"evry": 100}}), 2, [
+        "m.yaml: defaults.evaluation.evry: unknown key; did you mean 'every'?"]),
     ManifestCase("images-empty-folder", doc(subject(images="empty/")), 2, [
         "m.yaml: subjects[0].images: no image files at {dir}/empty/: the folder is empty or missing, or the pattern "
         "matches nothing; put photos (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp) there or fix the subject's "

@@ -52,9 +52,10 @@ def test_toy_sd_follows_held_out_prompts(tmp_path: Path):
 
 
 def test_dreambooth_renders_the_subject_in_new_contexts_and_prior_preservation_keeps_the_class(tmp_path: Path, work_env):
-    out = measure_toy.run_dreambooth(tmp_path, TRAIN_SEEDS, work_env)
+    out = measure_toy.run_dreambooth(tmp_path, TRAIN_SEEDS, work_env, undertrained=True)
     with one_thread():
         results = measure_toy.dreambooth_results(out, TRAIN_SEEDS, SAMPLE_SEEDS, tmp_path / "cache")
+    check_evaluation(out)
     report = measure_toy.table(results)
     print(report)  # the measured numbers, shown with -s
     for seed in TRAIN_SEEDS:
@@ -69,6 +70,25 @@ def test_dreambooth_renders_the_subject_in_new_contexts_and_prior_preservation_k
         # ... and measurably fewer without it: the subject leaks into the class.
         gap = with_prior["class_single_coloured"] - without["class_single_coloured"]
         assert gap >= PRIOR_GAP_MIN, f"seed {seed}: prior preservation made too little difference ({gap:.2f})\n{report}"
+
+
+def check_evaluation(out: Path) -> None:
+    """What dbbatch's own evaluation (issue 14; toy-clip as CLIP and DINO, measure_toy.EVALUATION) scored during
+    that run: each trained subject's DINO above the base model's on the same prompts and seeds; prior
+    preservation with less class drift and PRES than without; the 5-step subject flagged, the others not."""
+    ids = [rid for rid, _, _ in measure_toy.run_ids(TRAIN_SEEDS)] + [measure_toy.UNDERTRAINED["id"]]
+    scores = measure_toy.evaluation_results(out, ids)
+    report = measure_toy.table(scores)
+    print(report)
+    for rid, _, _ in measure_toy.run_ids(TRAIN_SEEDS):
+        assert scores[rid]["dino"] >= scores[rid]["base_dino"] + DINO_GAIN_MIN, f"{rid}\n{report}"
+    for seed in TRAIN_SEEDS:
+        prior, without = scores[f"seed{seed}-prior"], scores[f"seed{seed}-noprior"]
+        assert prior["class_drift"] < without["class_drift"], f"seed {seed}\n{report}"
+        assert prior["pres"] <= without["pres"] - PRES_GAP_MIN, f"seed {seed}\n{report}"
+        assert not prior["flagged"], f"seed {seed}\n{report}"
+    under = scores[measure_toy.UNDERTRAINED["id"]]
+    assert under["flagged"] and under["dino"] < measure_toy.FLAG_DINO, report
 
 
 def test_lora_dreambooth_learns_the_subject_and_base_model_priors_keep_the_class_without_class_images(tmp_path: Path, work_env):
@@ -104,4 +124,63 @@ PRIOR_GAP_MIN = 0.2  # measured 1.00, 0.33, 0.75
 # LoRA (measure_toy.py --lora --seeds 0 1 --sample-seeds 6): base_model priors' two-coloured share 0.83, 0.42;
 # class drift with base_model priors / without priors 0.017 / 0.042, 0.014 / 0.044 (images: 0.029, 0.029)
 LORA_TOKEN_TWO_COLOURED_MIN = 0.3
+# dbbatch's evaluation during that run (measure_toy.EVALUATION; docs/toy-world.md): DINO base -0.154, published
+# 0.226 / 0.102 (seed 0 with / without prior preservation), 0.056 / 0.128 (seed 1), the 5-step subject -0.107;
+# PRES with / without prior preservation 0.198 / 0.441 and 0.185 / 0.418; class drift 0.200 / 0.461, 0.243 / 0.324
+DINO_GAIN_MIN = 0.1  # measured gains 0.38, 0.26, 0.21, 0.28
+PRES_GAP_MIN = 0.1  # measured 0.24, 0.23
 LORA_DRIFT_RATIO_MAX = 0.6
+
+
+def test_keep_best_publishes_an_earlier_step_when_later_steps_over_fit_and_its_weights_are_that_checkpoints(tmp_path: Path):
+    """A learning rate 20x the model's own and no prior preservation: the class prompt drifts onto the subject as
+    training goes on (language drift, the over-fitting the paper's prior loss exists for). Selected by
+    dino - class_drift, an earlier step wins; the published UNet is bitwise that step's checkpoint and not the
+    last step's (negative control)."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from conftest import start_at_fault
+
+    photos = tmp_path / "photos"
+    measure_toy.draw_subject_photos(photos)
+    prompts = [measure_toy.TOKEN_PROMPT.format(background=b).replace("sks", "{token}").replace("square", "{class_noun}")
+               for b in measure_toy.TEST_BACKGROUNDS]
+    doc = {"version": 1, "base_model": "builtin:toy-sd", "output": str(tmp_path / "out"), "subjects": [{
+        "id": "hot", "token": "sks", "class_noun": measure_toy.SUBJECT_SHAPE, "images": str(photos),
+        "train": {"learning_rate": 1e-2, "with_prior_preservation": False, "max_steps": OVERFIT_STEPS,
+                  "checkpoint_every": 25, "checkpoints_keep": 10},
+        "evaluation": {"clip": "builtin:toy-clip", "dino": "builtin:toy-clip", "prompts": prompts, "every": 25,
+                       "keep": "best", "select_by": {"dino": 1.0, "class_drift": -1.0}}}]}
+    manifest = tmp_path / "hot.yaml"
+    manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
+    # pause once _SUCCESS is written, before the checkpoints are deleted, to compare with them
+    proc, marker = start_at_fault(manifest, tmp_path / "work", "pause_at_publish=success", timeout=600)
+    try:
+        out = tmp_path / "out" / "hot"
+        e = json.loads((out / "metrics.json").read_text())["evaluation"]
+        points = {p["step"]: p for p in e["points"]}
+        print(json.dumps(e["points"], indent=1))
+        assert sorted(points) == list(range(25, OVERFIT_STEPS + 1, 25))
+        best = e["best_step"]
+        assert best < OVERFIT_STEPS and e["published_step"] == best, e["points"]
+        assert points[OVERFIT_STEPS]["class_drift"] > points[best]["class_drift"]  # the later step drifted further
+        published = load_file(str(out / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+        def unet_of(step: int) -> dict[str, torch.Tensor]:
+            ckpt = torch.load(out / "checkpoints" / f"step-{step:07d}.ckpt", map_location="cpu", weights_only=True)
+            return {k.split(".", 1)[1]: v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")}
+
+        stored = sorted(int(p.stem.split("-")[1]) for p in (out / "checkpoints").glob("step-*.ckpt"))
+        assert best in stored, stored  # every scored step but the last has its checkpoint here (checkpoints_keep 10)
+        chosen, other = unet_of(best), unet_of(max(s for s in stored if s != best))
+        assert chosen.keys() == published.keys()
+        assert all(torch.equal(chosen[k], published[k]) for k in chosen)
+        assert any(not torch.equal(other[k], published[k]) for k in other)  # negative control: another step differs
+    finally:
+        Path(str(marker) + ".continue").touch()
+        proc.communicate(timeout=120)
+    assert proc.returncode == 0
+
+
+OVERFIT_STEPS = 150

@@ -15,7 +15,7 @@ def test_ci_runs_the_readme_commands():
     readme = (REPO / "README.md").read_text()
     commands = check_readme.readme_commands(readme)
     assert commands[:2] == ["make demo", "make test"]
-    assert {c.split()[1] for c in commands if c.startswith("dbbatch")} >= {"validate", "run", "schema", "tiny-model", "k8s"}
+    assert {c.split()[1] for c in commands if c.startswith("dbbatch")} >= {"validate", "run", "schema", "tiny-model", "k8s", "report"}
     ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert "make test" in ci and "make demo" in ci
     assert any("scripts/check_readme.py" in line for line in ci)
