@@ -119,27 +119,27 @@ def slot_state(unet: torch.nn.Module, k: int) -> dict[str, torch.Tensor]:
     return out
 
 
-@contextlib.contextmanager
-def packed_off(unet: torch.nn.Module) -> Iterator[None]:
+def packed_off(unet: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
     """The frozen base model inside: every packed layer passes its input through its base layer only."""
-    layers = list(packed_layers(unet).values())
-    for layer in layers:
-        layer.enabled = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enabled = True
+    return _every_layer(unet, enabled=False)
+
+
+def only_slot(unet: torch.nn.Module, k: int) -> contextlib.AbstractContextManager[None]:
+    """Subject k's model inside (rendering it for evaluation): every packed layer applies slot k's adapter to
+    its whole input."""
+    return _every_layer(unet, only=k)
 
 
 @contextlib.contextmanager
-def only_slot(unet: torch.nn.Module, k: int) -> Iterator[None]:
-    """Subject k's model inside: every packed layer applies slot k's adapter to its whole input."""
+def _every_layer(unet: torch.nn.Module, **state: Any) -> Iterator[None]:
     layers = list(packed_layers(unet).values())
+    before = [{key: getattr(layer, key) for key in state} for layer in layers]
     for layer in layers:
-        layer.only = k
+        for key, value in state.items():
+            setattr(layer, key, value)
     try:
         yield
     finally:
-        for layer in layers:
-            layer.only = None
+        for layer, saved in zip(layers, before):
+            for key, value in saved.items():
+                setattr(layer, key, value)

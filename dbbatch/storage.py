@@ -335,6 +335,13 @@ class Storage:
     def list_files(self, url: str, fresh: bool = False) -> list[str]:
         """Files directly inside a folder, in name order (empty if the folder is missing, an error if its
         bucket is). `fresh`: bypass the listing cache (see `exists`)."""
+        return self._list_entries(url, "file", fresh)
+
+    def list_dirs(self, url: str) -> list[str]:
+        """Folders directly inside a folder, in name order (empty if the folder is missing)."""
+        return self._list_entries(url, "directory", False)
+
+    def _list_entries(self, url: str, kind: str, fresh: bool) -> list[str]:
         fs, path = self._fs(url)
 
         def ls() -> list[str]:
@@ -346,22 +353,7 @@ class Storage:
                 if _kind(e) == "no-bucket":
                     raise
                 return []
-            return sorted(e["name"] for e in entries if e.get("type") == "file")
-
-        return [self._url(url, p) for p in self._call("list", url, ls)]
-
-    def list_dirs(self, url: str) -> list[str]:
-        """Folders directly inside a folder, in name order (empty if the folder is missing)."""
-        fs, path = self._fs(url)
-
-        def ls() -> list[str]:
-            try:
-                entries = fs.ls(path, detail=True)
-            except FileNotFoundError as e:
-                if _kind(e) == "no-bucket":
-                    raise
-                return []
-            return sorted(e["name"].rstrip("/") for e in entries if e.get("type") == "directory")
+            return sorted(e["name"].rstrip("/") for e in entries if e.get("type") == kind)
 
         return [self._url(url, p) for p in self._call("list", url, ls)]
 
