@@ -139,8 +139,10 @@ def load_lora_folder(model: Any, folder: Path) -> None:
         quiet.setLevel(level)
 
 
-def model_card(subject: Any, model: Any, steps: int, files: dict[str, int], grid: Optional[str]) -> str:
-    """README.md of the lora/ folder, with the Hub's YAML header (pure)."""
+def model_card(subject: Any, model: Any, steps: int, files: dict[str, int], grid: Optional[str],
+               evaluation: Optional[dict[str, Any]] = None) -> str:
+    """README.md of the lora/ folder, with the Hub's YAML header (pure). `evaluation`: metrics.json's, whose
+    published step's scores (and the base model's) the card lists."""
     lora = subject.train.lora
     kohya = kohya_name(subject.id)
     header = {
@@ -158,6 +160,12 @@ def model_card(subject: Any, model: Any, steps: int, files: dict[str, int], grid
                                                                         + (" + text encoder attention" if lora.text_encoder else "")),
             ("Steps", str(steps)), ("Learning rate", f"{subject.train.learning_rate:g}"),
             ("Prior preservation", _prior_text(subject))]
+    if evaluation and evaluation.get("published"):
+        at, base = evaluation["published"], evaluation.get("baseline") or {}
+        scores = ", ".join(f"{m} {v:.3f}" + (f" (base {base[m]:.3f})" if base.get(m) is not None else "")
+                           for m, v in at.items() if m in ("dino", "clip_i", "clip_t", "class_drift", "pres") and v is not None)
+        rows.append((f"Scores at step {evaluation.get('published_step')}", scores + (
+            f"; flagged: {'; '.join(evaluation['flags'])}" if evaluation.get("flags") else "")))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     sizes = "\n".join(f"- `{name}`: {size / 1e6:.2f} MB" for name, size in sorted(files.items()))
     return f"""---

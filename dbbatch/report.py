@@ -25,7 +25,7 @@ import yaml
 
 from dbbatch.errors import DbbatchError
 from dbbatch.evaluation import LOWER_IS_BETTER, METRICS
-from dbbatch.storage import join
+from dbbatch.storage import join, redact
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def entry_of(storage: Any, output: str, sid: str, last: Optional[tuple[dict[str,
         entry = Entry(sid, "succeeded", steps=metrics.get("steps"), seconds=metrics.get("seconds", {}).get("train"),
                       final_loss=metrics.get("final_loss"), run_id=metrics.get("run_id"), method=metrics.get("method"),
                       loss_curve=list(metrics.get("loss_curve") or []),
-                      cohort=(metrics.get("cohort") or {}).get("id"), output=out)
+                      cohort=(metrics.get("cohort") or {}).get("id"), output=redact(out))
         ev = metrics.get("evaluation")
         if isinstance(ev, dict):
             entry.published_step, entry.best_step, entry.select_by = ev.get("published_step"), ev.get("best_step"), ev.get("select_by")
@@ -124,9 +124,9 @@ def entry_of(storage: Any, output: str, sid: str, last: Optional[tuple[dict[str,
     elif last is not None:
         row, run_id = last
         entry = Entry(sid, str(row.get("status") or "pending"), error=row.get("message"), error_class=row.get("error_class"),
-                      seconds=row.get("seconds"), run_id=run_id, output=out)
+                      seconds=row.get("seconds"), run_id=run_id, output=redact(out))
     else:
-        entry = Entry(sid, "pending", output=out)
+        entry = Entry(sid, "pending", output=redact(out))
     entry.class_noun, entry.token = config.get("class_noun"), config.get("token")
     entry.method = entry.method or (config.get("train") or {}).get("method")
     return entry
@@ -291,6 +291,7 @@ def build(storage: Any, output: str, subject_ids: Optional[list[str]] = None) ->
     Returns summary.json's content."""
     entries = collect(storage, output, subject_ids)
     folder = join(output, REPORT)
+    shown = redact(output)  # the location as the page and summary.json show it
     before = previous_rows(storage, folder)
     for e in entries:
         out = join(output, e.id)
@@ -305,9 +306,9 @@ def build(storage: Any, output: str, subject_ids: Optional[list[str]] = None) ->
             storage.write_bytes(join(folder, e.id, CURVES), curves_png(e))
             e.images["curves"] = f"{e.id}/{CURVES}"
     generated_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    summary = {"output": output, "generated_at": generated_at, "totals": totals(entries),
+    summary = {"output": shown, "generated_at": generated_at, "totals": totals(entries),
                "subjects": [{k: v for k, v in asdict(e).items() if k not in ("loss_curve",)} for e in
                             sorted(entries, key=lambda e: (e.attention, e.id))]}
     storage.write_text(join(folder, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    storage.write_text(join(folder, "index.html"), page(entries, output, generated_at))
+    storage.write_text(join(folder, "index.html"), page(entries, shown, generated_at))
     return summary

@@ -176,18 +176,21 @@ class ScoreDuringTraining(pl.Callback):
                 self.restored.add(s.id)
 
     def _rendering(self, pl_module: Any, work: Callable[[], Any]) -> Any:
-        was_training = pl_module.training
+        """`work` in eval mode; then every module back in the mode it was in (frozen parts stay in eval)."""
+        modes = [(m, m.training) for m in pl_module.modules()]
         pl_module.eval()
         try:
             return work()
         finally:
-            pl_module.train(was_training)
+            for module, training in modes:
+                module.training = training
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         for s in self.scorers:
             if s.scores.baseline is not None:
                 continue
-            render = s.t.render if trainer.global_step == 0 else s.t.render_base
+            # the base model itself where it can be had (LoRA: adapters off), else the weights before step 1
+            render = s.t.render_base if s.t.render_base is not None else s.t.render if trainer.global_step == 0 else None
             if render is None:  # resumed without a stored history: the base weights are gone (full fine-tune)
                 log.warning("%s: no base-model evaluation (resumed at step %d without one); class_drift is not computed",
                             s.id, trainer.global_step)

@@ -824,7 +824,8 @@ class SubjectRun:
         grid = join(self.out, "samples", "grid.png")
         self.storage.write_bytes(join(self.out, "lora", "grid.png"), self.storage.read_bytes(grid))
         files = {k.split("/", 1)[1]: v for k, v in train_metrics.get("output_files", {}).items() if k.startswith("lora/")}
-        card = model_card(self.s, self.b.model, train_metrics.get("published_step", train_metrics["steps"]), files, "grid.png")
+        card = model_card(self.s, self.b.model, train_metrics.get("published_step", train_metrics["steps"]), files, "grid.png",
+                          train_metrics.get("evaluation"))
         self.storage.write_text(join(self.out, "lora", "README.md"), card)
 
 

@@ -259,8 +259,13 @@ def test_missing_bucket_and_wrong_key_fail_their_subject_only_and_no_secret_leak
     assert "storage_options.s3.secret: looks like a secret" in proc.stderr  # the manifest is warned about
     config = yaml.safe_load(s3.read("out", "good", "config.yaml"))
     assert config["storage_options"] == {"s3": {"key": "***", "secret": "***"}}
+    # the batch report, built in the bucket from what is stored: every subject once, the failed ones' lines
+    summary = json.loads(s3.read("out", "_report", "summary.json"))
+    assert [(r["id"], r["status"]) for r in summary["subjects"]] == [("nobucket", "failed"), ("wrongkey", "failed"), ("good", "succeeded")]
+    assert "does not exist; create it or fix the URL" in summary["subjects"][0]["error"]
+    assert {"_report/index.html", "_report/good/grid.png", "_report/good/photos.png"} <= s3.keys("out")
     texts = [proc.stdout, proc.stderr] + [s3.read("out", k).decode("utf-8", "replace") for k in s3.keys("out")
-                                          if k.endswith((".json", ".yaml", ".txt", "_SUCCESS"))]
+                                          if k.endswith((".json", ".yaml", ".txt", ".html", "_SUCCESS"))]
     for secret in (PLANTED_ENV_SECRET, PLANTED_OPTION_SECRET):
         assert not any(secret in t for t in texts), f"{secret} leaked"
 
