@@ -413,6 +413,7 @@ def fetch_remote_folder(url: str, cache_dir: Path, storage: Any, marker: str = "
     from dbbatch.storage import listing_digest, redact
 
     files = storage.list_tree(url)
+    label = field.replace("_", " ")  # "base model", "evaluation.clip": what the log lines below name
     if not any(f.rel == marker for f in files):
         what = ("no diffusers folder there (no model_index.json); upload a Stable Diffusion folder saved with "
                 "save_pretrained, or fix the URL") if marker == "model_index.json" else (
@@ -421,10 +422,10 @@ def fetch_remote_folder(url: str, cache_dir: Path, storage: Any, marker: str = "
     models = cache_dir / "models"
     folder = models / remote_cache_name(url, listing_digest(files))
     if (folder / ".complete").is_file():
-        log.info("%s %s: using the cached copy in %s", field, redact(url), folder)
+        log.info("%s %s: using the cached copy in %s", label, redact(url), folder)
         return folder
     size = sum(f.size for f in files)
-    log.info("%s %s: downloading %d files (%.1f MiB) to %s", field, redact(url), len(files), size / 2**20, folder)
+    log.info("%s %s: downloading %d files (%.1f MiB) to %s", label, redact(url), len(files), size / 2**20, folder)
     partial = folder.with_name(folder.name + ".part")
     storage.fetch_tree(url, partial, files)
     (partial / ".complete").write_text(url + "\n")
@@ -438,7 +439,7 @@ def fetch_remote_folder(url: str, cache_dir: Path, storage: Any, marker: str = "
     for other in models.glob("remote-*"):
         marker = other / ".complete"
         if other != folder and marker.is_file() and marker.read_text().strip() == url:
-            log.info("%s %s changed; removing the old copy %s", field, redact(url), other)
+            log.info("%s %s changed; removing the old copy %s", label, redact(url), other)
             shutil.rmtree(other, ignore_errors=True)
     return folder
 

@@ -170,7 +170,7 @@ MANIFEST_CASES = [
         "m.yaml: ouptut: unknown key; did you mean 'output'?"]),
     ManifestCase("unknown-key", doc(subject(colour="brown")), 2, [
         "m.yaml: subjects[0].colour: unknown key; allowed here: resolution, instance_prompt, class_prompt, train, "
-        "priors, samples, id, token, class_noun, images"]),
+        "priors, samples, evaluation, id, token, class_noun, images"]),
     ManifestCase("missing-key", {"subjects": [subject()]}, 2, [
         "m.yaml: output: required key is missing (Where results go: a local path or fsspec URL.)"]),
     ManifestCase("wrong-type-number", doc(subject(train={"max_steps": "many"})), 2, [
@@ -768,6 +768,9 @@ def test_generated_names_come_only_from_validated_ids(batch: Batch):
     from dbbatch.manifest import id_problem
 
     top = {p.name for p in (batch.dir / "out").iterdir()}
-    assert top <= {c.name for c in RUN_CASES} | {"_runs", "_priors", "_leases"}  # _priors: validate's write probe
-    assert all(id_problem(name) is None for name in top - {"_runs", "_priors", "_leases"})
+    kept = {"_runs", "_priors", "_leases", "_report"}
+    assert top <= {c.name for c in RUN_CASES} | kept  # _priors: validate's write probe
+    assert all(id_problem(name) is None for name in top - kept)
+    report = {p.name for p in (batch.dir / "out" / "_report").iterdir() if p.is_dir()}
+    assert report and report <= {c.name for c in RUN_CASES}  # the report's folders are subject ids too
     assert {p.name for p in (batch.dir / "out" / "_leases").iterdir()} <= {c.name for c in RUN_CASES}

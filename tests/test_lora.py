@@ -148,7 +148,16 @@ def _render(pipe, out: Path, subject: str) -> tuple[list[np.ndarray], list[np.nd
                       scheduler_config=dict(pipe.scheduler.config), identity="", source="")
     spec = json.loads((out / subject / "samples" / "prompts.json").read_text())
     jobs = [(p, seed, spec["files"][r][c]) for r, p in enumerate(spec["rows"]) for c, seed in enumerate(spec["columns"])]
-    made = generate(model, [p for p, _, _ in jobs], [s for _, s, _ in jobs], 32, 3, 7.5, batch_size=8)
+    import torch
+
+    # one intra-op thread, as the CLI that rendered the stored samples (conftest.cli_env): with two, float sums
+    # round differently and a pixel can come out one level off
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        made = generate(model, [p for p, _, _ in jobs], [s for _, s, _ in jobs], 32, 3, 7.5, batch_size=8)
+    finally:
+        torch.set_num_threads(threads)
     stored = [np.asarray(Image.open(out / subject / "samples" / f).convert("RGB")) for _, _, f in jobs]
     return [np.asarray(im) for im in made], stored
 

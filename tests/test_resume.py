@@ -166,7 +166,7 @@ def test_killed_pod_resumes_from_the_bucket(tmp_path: Path, s3, uninterrupted):
         time.sleep(0.05)
     proc.kill()
     proc.wait()
-    assert s3.keys("out", "rex") == {"checkpoints/step-0000004.ckpt"}
+    assert s3.keys("out", "rex") == {"checkpoints/step-0000004.ckpt", "photos.png"}  # photos.png: stored with the inputs
     rerun = run_cli("run", str(m), env=s3.env(DBBATCH_WORK_DIR=str(tmp_path / "pod2")))
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming from {s3.url('out', 'rex', 'checkpoints', 'step-0000004.ckpt')}" in rerun.stderr
