@@ -180,7 +180,7 @@ def _card(e: Entry) -> str:
         f"<tr><th>{m}{' ↓' if m in LOWER_IS_BETTER else ''}</th><td>{_fmt(e.scores.get(m))}</td><td>{_fmt(e.baseline.get(m))}</td></tr>"
         for m in METRICS if e.scores.get(m) is not None or e.baseline.get(m) is not None)
     table = f'<table class="scores"><tr><th></th><th>published</th><th>base</th></tr>{rows}</table>' if rows else ""
-    imgs = "".join(f'<figure><img src="{html.escape(e.images[k])}" alt="{k} of {html.escape(e.id)}"><figcaption>{k}</figcaption></figure>'
+    imgs = "".join(f'<figure><img class="{k}" src="{html.escape(e.images[k])}" alt="{k} of {html.escape(e.id)}"><figcaption>{k}</figcaption></figure>'
                    for k in ("grid", "photos", "curves") if k in e.images)
     facts = [f"{e.method}" if e.method else None, f"class {html.escape(e.class_noun)}" if e.class_noun else None,
              f"{e.steps} steps" if e.steps is not None else None,
@@ -203,7 +203,7 @@ padding:10px 14px;margin:12px 0} .card.flagged{border-left:6px solid #d62728} .c
 .flagged .badge{background:#d62728;color:#fff} .failed .badge{background:#ff7f0e;color:#fff} .error{color:#b00}
 .flags{color:#d62728;margin:4px 0} .scores td,.scores th{padding:1px 8px;text-align:right} .images{display:flex;
 flex-wrap:wrap;gap:10px} figure{margin:0} figure img{max-height:260px;image-rendering:pixelated;border:1px solid #eee}
-figcaption{font-size:11px;color:#777} .facts{color:#555;margin:2px 0}
+figcaption{font-size:11px;color:#777} .facts{color:#555;margin:2px 0} img.grid{height:192px} img.photos{height:64px}
 """
 
 SCRIPT = """
