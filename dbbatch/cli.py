@@ -377,13 +377,15 @@ def _pairs(flag: str, items: Optional[list[str]]) -> dict[str, str]:
 def _refresh_report(storage: Any, output: str, subject_ids: Optional[list[str]]) -> Optional[str]:
     """Rebuild <output>/_report/ (every shard's subjects, as stored); its page's location, or None when it could
     not be written (logged: the subjects' own outputs are what matters)."""
+    from dbbatch import signals
     from dbbatch.report import REPORT, build
-    from dbbatch.storage import join
+    from dbbatch.storage import join, redact
 
     try:
-        build(storage, output, subject_ids)
+        if build(storage, output, subject_ids, stop=signals.requested) is None:
+            return None
     except Exception as e:  # noqa: BLE001 - the report is derived from stored results; it never fails the run
-        log.error("could not write the batch report (`dbbatch report %s` rebuilds it): %s: %s", output, type(e).__name__, e)
+        log.error("could not write the batch report (`dbbatch report %s` rebuilds it): %s: %s", redact(output), type(e).__name__, e)
         return None
     return join(output, REPORT, "index.html")
 

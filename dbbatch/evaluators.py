@@ -25,6 +25,7 @@ from typing import Any, Optional
 import numpy as np
 
 from dbbatch.errors import DbbatchError, ModelError
+from dbbatch.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def _folder_of(source: str, field: str, base_dir: Optional[Path], cache_dir: Pat
 
         return Path(snapshot_download(where, allow_patterns=["*.json", "*.txt", "*.safetensors"])), None
     except Exception as e:  # noqa: BLE001 - any hub failure is one clear error
-        raise ModelError(f"{field} {source!r}: not a local folder, and the hub could not provide it ({type(e).__name__})") from None
+        raise ModelError(f"{field} {redact(source)!r}: not a local folder, and the hub could not provide it ({type(e).__name__})") from None
 
 
 def config_problem(config: Any, key: str) -> Optional[str]:
@@ -114,7 +115,7 @@ def _unknown_builtin(source: str) -> str:
 
     names = [f"builtin:{n}" for n in PRETRAINED_CLIP]
     close = closest(source, names)
-    return f"unknown built-in evaluation model {source!r}; available: {', '.join(names)}" + (f"; did you mean {close!r}?" if close else "")
+    return f"unknown built-in evaluation model {redact(source)!r}; available: {', '.join(names)}" + (f"; did you mean {close!r}?" if close else "")
 
 
 def check(source: str, key: str, base_dir: Optional[Path], storage: Any, check_remote: bool) -> Optional[str]:
@@ -122,7 +123,7 @@ def check(source: str, key: str, base_dir: Optional[Path], storage: Any, check_r
     cannot be checked without a download: a hub id, a remote folder with check_remote off). Reads config.json
     and the folder's listing, no weights."""
     from dbbatch.models import PRETRAINED_CLIP, resolve_source
-    from dbbatch.storage import join, redact
+    from dbbatch.storage import join
 
     kind, where = resolve_source(source, base_dir)
     if kind == "builtin":
@@ -165,17 +166,17 @@ def load(source: str, key: str, base_dir: Optional[Path], cache_dir: Path, stora
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise ModelError(f"{field} {source!r}: cannot read its config.json in {folder} ({e})") from None
+        raise ModelError(f"{field} {redact(source)!r}: cannot read its config.json in {folder} ({e})") from None
     if problem := config_problem(config, key):
-        raise ModelError(f"{field} {source!r}: {problem}")
+        raise ModelError(f"{field} {redact(source)!r}: {problem}")
     try:
         model = AutoModel.from_pretrained(str(folder), dtype=torch.float32)
         processor = AutoImageProcessor.from_pretrained(str(folder))
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or folder)) if key == "clip" else None
     except Exception as e:  # noqa: BLE001 - a broken folder is one clear line
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelError(f"{field} {source!r}: cannot be loaded from {folder} ({type(e).__name__}: {first})") from None
+        raise ModelError(f"{field} {redact(source)!r}: cannot be loaded from {folder} ({type(e).__name__}: {first})") from None
     model.eval().requires_grad_(False)
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    log.info("evaluation model %s (%s) loaded from %s", source, key, folder)
+    log.info("evaluation model %s (%s) loaded from %s", redact(source), key, folder)
     return Embedder(source, key, model, processor, tokenizer)

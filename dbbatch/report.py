@@ -17,9 +17,10 @@ import html
 import io
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -78,7 +79,7 @@ def _read_json(storage: Any, url: str) -> Optional[Any]:
 def run_records(storage: Any, output: str) -> list[dict[str, Any]]:
     """Every stored run record, oldest first (run ids begin with their UTC start time)."""
     records = []
-    for url in storage.list_files(join(output, "_runs")):
+    for url in storage.list_files(join(output, "_runs"), fresh=True):  # other shards' records, not a cached listing
         if url.endswith(".json") and isinstance(record := _read_json(storage, url), dict):
             records.append(record)
     return sorted(records, key=lambda r: str(r.get("run_id", "")))
@@ -93,42 +94,69 @@ def collect(storage: Any, output: str, subject_ids: Optional[list[str]] = None) 
         for row in record.get("subjects") or []:
             if isinstance(row, dict) and isinstance(row.get("id"), str) and row.get("status") != "skipped":
                 last[row["id"]] = (row, str(record.get("run_id")))
-    folders = {u.rstrip("/").rsplit("/", 1)[-1] for u in storage.list_dirs(output)}
+    folders = {u.rstrip("/").rsplit("/", 1)[-1] for u in storage.list_dirs(output, fresh=True)}
     ids = sorted({i for i in folders if not i.startswith(("_", "."))} | set(last) | set(subject_ids or []))
     return [entry_of(storage, output, sid, last.get(sid)) for sid in ids]
 
 
+STATUSES = ("succeeded", "failed", "preempted", "pending")
+
+
+def _num(v: Any) -> Optional[float]:
+    """A finite number from a stored file, else None: what the page and the plots may show as a number."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _step(v: Any) -> Optional[int]:
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _text(v: Any) -> Optional[str]:
+    return None if v is None else str(v)
+
+
+def _metrics_of(point: Any) -> dict[str, Optional[float]]:
+    return {m: _num(point.get(m)) for m in METRICS} if isinstance(point, dict) else {}
+
+
 def entry_of(storage: Any, output: str, sid: str, last: Optional[tuple[dict[str, Any], str]]) -> Entry:
+    """One subject as stored. Every value is typed here (numbers as numbers, a known status): the stored files
+    are written by workers, but anyone who can write to the store can write them, and the page runs a script."""
     from dbbatch.worker import SUCCESS
 
     out = join(output, sid)
-    config = {}
+    config: dict[str, Any] = {}
     if storage.exists(join(out, "config.yaml")):
         try:
-            config = (yaml.safe_load(storage.read_text(join(out, "config.yaml"))) or {}).get("subject") or {}
-        except (DbbatchError, yaml.YAMLError):
+            loaded = (yaml.safe_load(storage.read_text(join(out, "config.yaml"))) or {}).get("subject")
+            config = loaded if isinstance(loaded, dict) else {}
+        except (DbbatchError, yaml.YAMLError, AttributeError):
             config = {}
     metrics = _read_json(storage, join(out, "metrics.json")) if storage.exists(join(out, SUCCESS)) else None
     if isinstance(metrics, dict):
-        entry = Entry(sid, "succeeded", steps=metrics.get("steps"), seconds=metrics.get("seconds", {}).get("train"),
-                      final_loss=metrics.get("final_loss"), run_id=metrics.get("run_id"), method=metrics.get("method"),
-                      loss_curve=list(metrics.get("loss_curve") or []),
-                      cohort=(metrics.get("cohort") or {}).get("id"), output=redact(out))
+        seconds = metrics.get("seconds") if isinstance(metrics.get("seconds"), dict) else {}
+        cohort = metrics.get("cohort") if isinstance(metrics.get("cohort"), dict) else {}
+        entry = Entry(sid, "succeeded", steps=_step(metrics.get("steps")), seconds=_num(seconds.get("train")),
+                      final_loss=_num(metrics.get("final_loss")), run_id=_text(metrics.get("run_id")),
+                      method=_text(metrics.get("method")), cohort=_text(cohort.get("id")), output=redact(out),
+                      loss_curve=[x for x in map(_num, metrics.get("loss_curve") or []) if x is not None])
         ev = metrics.get("evaluation")
         if isinstance(ev, dict):
-            entry.published_step, entry.best_step, entry.select_by = ev.get("published_step"), ev.get("best_step"), ev.get("select_by")
-            entry.scores = {m: (ev.get("published") or {}).get(m) for m in METRICS}
-            entry.baseline = {m: (ev.get("baseline") or {}).get(m) for m in METRICS}
-            entry.flagged, entry.flags = bool(ev.get("flagged")), list(ev.get("flags") or [])
-            entry.points = list(ev.get("points") or [])
+            entry.published_step, entry.best_step, entry.select_by = _step(ev.get("published_step")), _step(ev.get("best_step")), ev.get("select_by")
+            entry.scores, entry.baseline = _metrics_of(ev.get("published")), _metrics_of(ev.get("baseline"))
+            entry.flagged, entry.flags = bool(ev.get("flagged")), [str(f) for f in ev.get("flags") or []]
+            entry.points = [{"step": _step(p.get("step")), **_metrics_of(p)} for p in ev.get("points") or []
+                            if isinstance(p, dict) and _step(p.get("step")) is not None]
     elif last is not None:
         row, run_id = last
-        entry = Entry(sid, str(row.get("status") or "pending"), error=row.get("message"), error_class=row.get("error_class"),
-                      seconds=row.get("seconds"), run_id=run_id, output=redact(out))
+        status = row.get("status") if row.get("status") in STATUSES else "failed"
+        entry = Entry(sid, status, error=_text(row.get("message")), error_class=_text(row.get("error_class")),
+                      seconds=_num(row.get("seconds")), run_id=run_id, output=redact(out))
     else:
         entry = Entry(sid, "pending", output=redact(out))
-    entry.class_noun, entry.token = config.get("class_noun"), config.get("token")
-    entry.method = entry.method or (config.get("train") or {}).get("method")
+    entry.class_noun, entry.token = _text(config.get("class_noun")), _text(config.get("token"))
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    entry.method = entry.method or _text(train.get("method"))
     return entry
 
 
@@ -182,7 +210,7 @@ def _card(e: Entry) -> str:
     table = f'<table class="scores"><tr><th></th><th>published</th><th>base</th></tr>{rows}</table>' if rows else ""
     imgs = "".join(f'<figure><img class="{k}" src="{html.escape(e.images[k])}" alt="{k} of {html.escape(e.id)}"><figcaption>{k}</figcaption></figure>'
                    for k in ("grid", "photos", "curves") if k in e.images)
-    facts = [f"{e.method}" if e.method else None, f"class {html.escape(e.class_noun)}" if e.class_noun else None,
+    facts = [html.escape(e.method) if e.method else None, f"class {html.escape(e.class_noun)}" if e.class_noun else None,
              f"{e.steps} steps" if e.steps is not None else None,
              f"published step {e.published_step} (best {e.best_step})" if e.published_step is not None else None,
              f"cohort {html.escape(e.cohort)}" if e.cohort else None, f"{e.seconds:.0f} s training" if e.seconds else None]
@@ -286,15 +314,20 @@ def reusable(storage: Any, folder: str, entry: Entry, row: Optional[dict[str, An
     return same and all(isinstance(v, str) and storage.exists(join(folder, v)) for v in row["images"].values())
 
 
-def build(storage: Any, output: str, subject_ids: Optional[list[str]] = None) -> dict[str, Any]:
+def build(storage: Any, output: str, subject_ids: Optional[list[str]] = None,
+          stop: Optional[Callable[[], bool]] = None) -> Optional[dict[str, Any]]:
     """Write `<output>/_report/` (index.html, summary.json, each subject's images) from what is stored.
-    Returns summary.json's content."""
+    Returns summary.json's content, or None when `stop()` turned true on the way (SIGTERM: the pod's grace
+    period is not the report's; the page and summary.json written before stay as they were)."""
     entries = collect(storage, output, subject_ids)
     folder = join(output, REPORT)
     shown = redact(output)  # the location as the page and summary.json show it
     before = previous_rows(storage, folder)
     for e in entries:
         out = join(output, e.id)
+        if stop is not None and stop():
+            log.warning("report: stopped before %s (a stop was requested); `dbbatch report %s` rebuilds it", e.id, shown)
+            return None
         if reusable(storage, folder, e, before.get(e.id)):
             e.images = dict(before[e.id]["images"])
             continue

@@ -196,11 +196,20 @@ class ScoreDuringTraining(pl.Callback):
                             s.id, trainer.global_step)
                 continue
             self._rendering(pl_module, lambda s=s, render=render: s.baseline(render))
+        if trainer.global_step:  # resumed from a checkpoint of a due step that SIGTERM left unscored
+            self._score_due(trainer.global_step, pl_module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
-        step = trainer.global_step
+        self._score_due(trainer.global_step, pl_module)
+
+    def _score_due(self, step: int, pl_module: Any) -> None:
+        from dbbatch import signals
+
+        if signals.requested():
+            # preempted: the grace period is for this step's checkpoint; the resumed run scores this step first
+            return
         for s in self.scorers:
             if s.t.active() and evaluation.due(step, s.cfg.every, self.max_steps) and all(p["step"] != step for p in s.scores.points):
                 self._rendering(pl_module, lambda s=s: s.record(step))

@@ -337,9 +337,9 @@ class Storage:
         bucket is). `fresh`: bypass the listing cache (see `exists`)."""
         return self._list_entries(url, "file", fresh)
 
-    def list_dirs(self, url: str) -> list[str]:
+    def list_dirs(self, url: str, fresh: bool = False) -> list[str]:
         """Folders directly inside a folder, in name order (empty if the folder is missing)."""
-        return self._list_entries(url, "directory", False)
+        return self._list_entries(url, "directory", fresh)
 
     def _list_entries(self, url: str, kind: str, fresh: bool) -> list[str]:
         fs, path = self._fs(url)

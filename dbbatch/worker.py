@@ -639,6 +639,9 @@ class SubjectRun:
                                         cfg.checkpoints_keep, cfg.max_steps, guard=self.lease.check if self.lease else None)
         scorer = self.scorer(instance_images)
         in_process = device_count(cfg.devices) == 1  # DDP ranks are other processes: scored after training instead
+        if scorer is not None and not in_process and not resumed_from and scorer.scores.baseline is None:
+            model.unet.eval()  # the base model's point, while the base weights are still here (scored after training)
+            scorer.baseline(scorer.t.render_base or scorer.t.render)
         if scorer is not None and not in_process and self.s.evaluation.keep == "best":
             log.warning("%s: evaluation.keep best scores during training, which runs in one process; with %d devices only "
                         "the last step is scored and published (set train.devices: 1 to choose a best step)",

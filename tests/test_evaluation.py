@@ -123,8 +123,8 @@ def test_metrics_json_lists_every_point_and_the_published_step_is_the_best(unint
 def test_resume_keeps_the_evaluation_history_and_the_winner(tmp_path: Path, uninterrupted: Path):
     """SIGKILL at step 9 (checkpoint of step 8, points 4 and 8 scored), rerun on a fresh pod: the same points,
     the ones before the kill not recomputed (they carry the killed run's id), the same winner, the same
-    published weights. Negative control: a rerun whose evaluation settings changed drops the history, and
-    the comparison sees it."""
+    published weights. Negative control: a rerun whose evaluation settings changed drops the history (step 4
+    is lost, step 8 is scored again under the new seeds), and the comparison sees it."""
     def killed(name: str) -> tuple[Path, str]:
         m = _manifest(tmp_path, name)  # the reference's manifest
         proc, _ = start_at_fault(m, tmp_path / f"{name}-pod1", "pause_at_step=9")
@@ -151,7 +151,9 @@ def test_resume_keeps_the_evaluation_history_and_the_winner(tmp_path: Path, unin
     rerun = run_cli("run", str(m2), env=cli_env(DBBATCH_WORK_DIR=str(tmp_path / "pod3")), cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "the evaluation settings changed since its last checkpoint: its 2 earlier evaluation point(s) are dropped" in rerun.stderr
-    assert [p["step"] for p in _evaluation(tmp_path / "changed")["points"]] == [12]
+    changed = _evaluation(tmp_path / "changed")["points"]
+    assert [p["step"] for p in changed] == [8, 12]  # the resumed step is scored first, under the new settings
+    assert _scores(changed) != _scores(ref["points"])  # what the equality above would have caught
 
 
 def test_a_packed_subject_is_scored_from_its_own_adapter_slot(tmp_path: Path):
@@ -292,3 +294,47 @@ def test_the_report_page_renders_in_a_real_browser(report_batch, tmp_path: Path)
     shutil.copy(page, tmp_path / "alone" / "index.html")
     without = screenshot((tmp_path / "alone" / "index.html").as_uri(), "alone.png")
     assert coloured(pixels) > 1.5 * coloured(without), (coloured(pixels), coloured(without))  # measured 0.0096 / 0.0042
+
+
+def test_sigterm_at_a_scored_step_checkpoints_it_unscored_and_the_rerun_scores_it_first(tmp_path: Path, uninterrupted: Path):
+    """SIGTERM during step 8 (a step to score): the grace period goes to the checkpoint, not to rendering; the
+    rerun scores step 8 from that checkpoint before training on, and ends with the uninterrupted run's points."""
+    m = _manifest(tmp_path, "termed")
+    proc, _ = start_at_fault(m, tmp_path / "pod1", "pause_at_step=7")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "report:" not in stderr  # no report refresh in the grace period either
+    ckpt = torch.load(tmp_path / "termed" / "rex" / "checkpoints" / "step-0000008.ckpt", map_location="cpu", weights_only=True)
+    (state,) = [v for k, v in ckpt["callbacks"].items() if "ScoreDuringTraining" in k]
+    assert [p["step"] for p in state["rex"]["points"]] == [4]  # step 8 was not scored before the checkpoint
+    rerun = run_cli("run", str(m), env=cli_env(DBBATCH_WORK_DIR=str(tmp_path / "pod2")), cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    got, ref = _evaluation(tmp_path / "termed"), _evaluation(uninterrupted)
+    assert _scores(got["points"]) == _scores(ref["points"])
+    assert got["published_step"] == ref["published_step"]
+
+
+def test_the_report_page_shows_stored_values_as_text_and_numbers_only(tmp_path: Path):
+    """Whoever can write to the output store writes what the page shows: strings are escaped, statuses are
+    the known ones, numbers are numbers (a string where a score belongs is no score)."""
+    from dbbatch.report import build
+    from dbbatch.storage import Storage
+
+    evil = '"><script>alert(1)</script>'
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "_SUCCESS").write_text("r\n")
+    (tmp_path / "a" / "metrics.json").write_text(json.dumps({
+        "steps": evil, "method": evil, "seconds": {"train": evil}, "loss_curve": [1.0, evil, None],
+        "evaluation": {"published_step": evil, "published": {"dino": evil, "clip_i": 0.5}, "flags": [evil],
+                       "flagged": True, "points": [{"step": 5, "dino": evil, "clip_i": 0.4}, {"step": evil}]}}))
+    (tmp_path / "_runs").mkdir()
+    (tmp_path / "_runs" / "r.json").write_text(json.dumps({"run_id": "r", "subjects": [
+        {"id": "b", "status": evil, "message": evil, "error_class": evil}]}))
+    summary = build(Storage({}), str(tmp_path))
+    page = (tmp_path / "_report" / "index.html").read_text()
+    assert "<script>alert" not in page and page.count("<script>") == 1  # the page's own sorting script only
+    rows = {r["id"]: r for r in summary["subjects"]}
+    assert rows["a"]["scores"]["dino"] is None and rows["a"]["scores"]["clip_i"] == 0.5 and rows["a"]["steps"] is None
+    assert rows["a"]["points"] == [{"step": 5, "dino": None, "clip_i": 0.4, "clip_t": None, "class_drift": None, "pres": None}]
+    assert rows["b"]["status"] == "failed" and rows["b"]["error"] == evil  # kept as text in summary.json
