@@ -232,15 +232,8 @@ class CohortRun:
                         f"(K={len(runs)}; the others went on); lower train.learning_rate and check its photos")))
                     continue
                 losses = module.member_losses[k]
-                scorer, evaluated = scorers[k], {}
-                state = slot_state(model.unet, k)
-                if scorer is not None:
-                    published = scorer.published_step(result.steps)
-                    if published != result.steps:
-                        log.info("%s: publishing step %d (the best by %s) instead of the last step %d", r.s.id, published,
-                                 scorer.cfg.selection(), result.steps)
-                        state = scorer.scores.best_weights
-                    evaluated = {"evaluation": scorer.summary(result.steps), "published_step": published}
+                evaluated, best = scorers[k].published(result.steps) if scorers[k] is not None else ({}, None)
+                state = best if best is not None else slot_state(model.unet, k)
                 out.append((state, {**evaluated,
                     "steps": result.steps, "final_loss": losses[-1] if losses else None,
                     "mean_loss": sum(losses) / len(losses) if losses else None, "loss_curve": losses,

@@ -106,7 +106,7 @@ class Scorer:
             texts = clip.texts(self.texts)
             inputs.update(gen_clip=clip.images(generated), photo_clip=self.photos("clip"), class_clip=class_clip,
                           text_clip=texts.repeat(len(seeds), axis=0),
-                          base_class_clip=None if self.scores.base_class is None else self.scores.base_class)
+                          base_class_clip=self.scores.base_class)
         point = {"step": step, **evaluation.score(**inputs), "seconds": round(time.monotonic() - started, 3), "run_id": self.run_id}
         return point, class_clip
 
@@ -144,6 +144,17 @@ class Scorer:
         if self.cfg.keep == "best" and self.scores.best_step is not None and self.scores.best_weights is not None:
             return self.scores.best_step
         return last_step
+
+    def published(self, last_step: int) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+        """(metrics.json's `evaluation` and `published_step`, the best step's weights when they, not the last
+        step's, are to be published)."""
+        step = self.published_step(last_step)
+        best = None
+        if step != last_step:
+            log.info("%s: publishing step %d (the best by %s) instead of the last step %d", self.id, step,
+                     evaluation.describe(self.cfg.selection()), last_step)
+            best = self.scores.best_weights
+        return {"evaluation": self.summary(last_step), "published_step": step}, best
 
     def summary(self, last_step: int) -> dict[str, Any]:
         """metrics.json's `evaluation`: every point, the winner, the published step and its flags."""

@@ -680,12 +680,10 @@ class SubjectRun:
             if scorer.t.render_base is not None and scorer.scores.baseline is None:
                 scorer.baseline(scorer.t.render_base)
             scorer.record(steps)
-        published = scorer.published_step(steps)
-        if published != steps:
-            log.info("%s: publishing step %d (the best by %s) instead of the last step %d", self.s.id, published,
-                     scorer.cfg.selection(), steps)
-            load_weights(self.b.model, scorer.scores.best_weights)
-        return {"evaluation": scorer.summary(steps), "published_step": published}
+        entries, best = scorer.published(steps)
+        if best is not None:
+            load_weights(self.b.model, best)
+        return entries
 
     def publish_model(self, steps: int) -> dict[str, Any]:
         """The fine-tuned model, uploaded before the stage is recorded: a diffusers folder (model/, full or delta)
