@@ -28,10 +28,12 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 # Dependencies first, from pyproject.toml alone: editing the source does not reinstall them.
+# EXTRAS adds optional extras' dependencies, e.g. --build-arg EXTRAS="wandb mlflow" (tracking services).
+ARG EXTRAS=""
 WORKDIR /src
 COPY pyproject.toml README.md ./
 RUN python3 -m venv --system-site-packages "$VIRTUAL_ENV" \
- && python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+ && python -c 'import os, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + [d for e in os.environ.get("EXTRAS", "").split() for d in p["optional-dependencies"][e]]))' \
       > requirements.txt \
  && pip install ${PIP_CONSTRAINT_FILE:+--constraint "$PIP_CONSTRAINT_FILE"} --requirement requirements.txt
 

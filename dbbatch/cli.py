@@ -161,6 +161,12 @@ def validate(
                 section, _, key = path.rpartition(".")
                 value = getattr(getattr(subject, section), key) if section else getattr(subject, key)
                 typer.echo(f"{subject.id}\t{path} = {value}\t(from {origin})")
+    swept: dict[str, list[str]] = {}
+    for s in m.subjects:
+        if s._sweep_of is not None:
+            swept.setdefault(s._sweep_of, []).append(s.id)
+    for base, ids in swept.items():
+        typer.echo(f"{base}: sweep of {len(ids)} variant(s): {', '.join(ids)}")
     typer.echo(f"{manifest}: OK ({len(m.subjects)} subject(s), output {out})")
 
 
@@ -169,7 +175,8 @@ def validate(
 def run(
     manifest: Path = typer.Argument(..., help="The manifest YAML."),
     output: Optional[str] = typer.Option(None, "--output", help="Override the manifest's output location."),
-    only: Optional[list[str]] = typer.Option(None, "--only", help="Run only this subject id (repeatable)."),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="Run only this subject id (repeatable; a swept subject's id "
+                                             "runs all its variants)."),
     force: bool = typer.Option(False, "--force", help="Redo subjects that are already done (their outputs are deleted first)."),
     # envvar, not os.environ at import: a bad value is a one-line usage error (exit 2), not a traceback
     shard_index: int = typer.Option(0, "--shard-index", envvar="JOB_COMPLETION_INDEX", help="This shard (a Kubernetes Indexed Job sets $JOB_COMPLETION_INDEX)."),
@@ -208,10 +215,10 @@ def run(
             raise ManifestError(found.problems, str(manifest))
         subjects = resolve_subjects(m, base_dir)
         if only:
-            unknown = sorted(set(only) - {s.id for s in subjects})
+            unknown = sorted(set(only) - {s.id for s in subjects} - {s.sweep_of for s in subjects})
             if unknown:
                 raise InputError(f"--only {unknown[0]}: no such subject in {manifest}")
-            subjects = [s for s in subjects if s.id in only]
+            subjects = [s for s in subjects if s.id in only or s.sweep_of in only]  # a swept subject: all its variants
         if queue and no_leases:
             raise InputError("--queue needs leases (workers divide the subjects through them); drop --no-leases")
         if queue:

@@ -218,8 +218,10 @@ class CohortRun:
             try:
                 if task is not None and resume:
                     task.set(resume[1])
+                tracked = [lg for r in runs for lg in r.tracking().loggers(members=tuple(self.ids))]
                 result = fit(module, loader, cfg, checkpointer, self.work / "logs", str(resume[0]) if resume else None,
-                             task, self.id, (ScoreDuringTraining(scoring, cfg.max_steps),) if scoring else ())
+                             task, self.id, (ScoreDuringTraining(scoring, cfg.max_steps),) if scoring else (), tracked,
+                             self.b.manifest.tracking.tensorboard)
             finally:
                 if task is not None:
                     task.close()

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from dbbatch.errors import ManifestError
 from dbbatch.manifest_errors import closest, load_yaml, problems_from, short
+from dbbatch.sweeps import MAX_VARIANT_ID, MAX_VARIANTS
 
 SUBJECT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 PROMPT_FIELDS = {"token", "class_noun"}
@@ -281,6 +282,39 @@ class SubjectEntry(SubjectSettings):
     token: str = Field(min_length=1, description="Rare identifier word, e.g. sks.")
     class_noun: str = Field(min_length=1, description="What the subject is, e.g. dog.")
     images: Union[str, list[str]] = Field(description="A folder, a glob, or a list of files/URLs.")
+    sweep: dict[str, list[Any]] = Field(
+        default_factory=dict, description="Try this subject over a grid of settings: {dotted setting path: [values]}, "
+        "e.g. {train.learning_rate: [1.0e-4, 5.0e-5], train.lora.rank: [4, 16]}. Each combination becomes a subject of "
+        "its own (a variant) with the id <id>~<name>=<value>,... (README: Sweeps); id, token, class_noun and images "
+        f"cannot be swept; at most {MAX_VARIANTS} variants per subject.")
+    # Set on the variants a sweep expands into (`_expand_sweeps`): the subject they vary, the values they use,
+    # and the subjects[i] of the manifest that wrote them (error lines name it).
+    _sweep_of: Optional[str] = PrivateAttr(None)
+    _swept: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _source: Optional[int] = PrivateAttr(None)
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweepable(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        from dbbatch.sweeps import count, sweep_problem
+
+        known = setting_paths()
+        for path, values in v.items():
+            problem = sweep_problem(path, known)
+            if problem:
+                raise ValueError(problem)
+            if not values:
+                raise ValueError(f"{path}: give at least one value")
+            odd = next((x for x in values if isinstance(x, (dict, list))), None)
+            if odd is not None:
+                raise ValueError(f"{path}: {short(odd)} is not a single value; sweep values are numbers, strings, "
+                                 "true/false or null")
+            if len({repr(x) for x in values}) != len(values):
+                raise ValueError(f"{path}: a value is listed twice; each combination must differ")
+        if count(v) > MAX_VARIANTS:
+            raise ValueError(f"expands into {count(v)} variants, at most {MAX_VARIANTS}; sweep fewer values (or split "
+                             "the subject)")
+        return v
 
     @field_validator("id")
     @classmethod
@@ -313,6 +347,79 @@ class PackingConfig(_Strict):
         "but the seed equal, same resolution and priors.source) train together, in manifest order; 1: one at a time.")
 
 
+# Keys people put in a tracking section for credentials: refused with where the credential goes instead.
+_CREDENTIAL_KEYS = {"wandb": ("api_key", "key", "token", "password"),
+                    "mlflow": ("username", "password", "token", "api_key", "key")}
+_CREDENTIAL_ENV = {"wandb": "WANDB_API_KEY", "mlflow": "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"}
+
+
+def _no_credentials(backend: str, data: Any) -> Any:
+    if isinstance(data, dict):
+        for key in _CREDENTIAL_KEYS[backend]:
+            if key in data:
+                raise ValueError(f"{key}: credentials never go in the manifest (it is committed, shared and embedded in Job specs); "
+                                 f"set {_CREDENTIAL_ENV[backend]} in the environment")
+    return data
+
+
+class WandbTracking(_Strict):
+    """Weights & Biases (pip install 'dbbatch[wandb]'); the API key comes from WANDB_API_KEY."""
+
+    project: str = Field(min_length=1, max_length=128, description="W&B project: one run per subject in it.")
+    entity: Optional[str] = Field(None, description="W&B team or user (null: the API key's default entity).")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="online: stream to W&B; offline: write run files only (`wandb sync` uploads them later); "
+        "disabled: no run.")
+    tags: list[str] = Field(default_factory=list, description="Tags on every run (dbbatch adds the batch's run id).")
+    dir: Optional[str] = Field(None, description="Local folder for W&B's run files, relative to the manifest's folder "
+                               "(null: $WANDB_DIR, else <work-dir>/wandb; offline runs stay there for `wandb sync`).")
+
+
+class MlflowTracking(_Strict):
+    """MLflow (pip install 'dbbatch[mlflow]'); credentials come from MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN."""
+
+    tracking_uri: Optional[str] = Field(
+        None, description="An MLflow tracking server (http(s)://host:port) or store URI (sqlite:///path/mlflow.db). "
+        "null: a local SQLite store beside the output (<output>/_mlflow/mlflow.db for a local output, else "
+        "<work-dir>/mlflow/mlflow.db). No credentials in it.")
+    experiment: str = Field(min_length=1, max_length=256, description="MLflow experiment: one run per subject in it.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_userinfo(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme in ("http", "https") and (parts.username or parts.password):
+            raise ValueError("has a user name or password in it; credentials never go in the manifest: set "
+                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
+                             "environment and give the URI without them")
+        if parts.scheme not in ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks"):
+            raise ValueError(f"{short(v)} is not an MLflow tracking URI; use http(s)://host:port for a server or "
+                             "sqlite:///path/mlflow.db for a local store")
+        return v
+
+
+class TrackingConfig(_Strict):
+    """Where each subject's training is tracked: TensorBoard files beside its outputs, W&B and MLflow runs."""
+
+    tensorboard: bool = Field(True, description="Write TensorBoard event files (uploaded to <output>/<id>/logs/).")
+    wandb: Optional[WandbTracking] = Field(None, description="One W&B run per subject (README: Tracking).")
+    mlflow: Optional[MlflowTracking] = Field(None, description="One MLflow run per subject (README: Tracking).")
+
+    @field_validator("wandb", "mlflow", mode="before")
+    @classmethod
+    def _credentials_from_environment(cls, v: Any, info: Any) -> Any:
+        return _no_credentials(info.field_name, v)
+
+    def backends(self) -> list[str]:
+        """The tracking services asked for (not counting TensorBoard or W&B mode disabled)."""
+        return [name for name in ("wandb", "mlflow") if getattr(self, name) is not None
+                and not (name == "wandb" and self.wandb.mode == "disabled")]
+
+
 class Manifest(_Strict):
     """A batch of DreamBooth subjects trained from one base model."""
 
@@ -330,6 +437,8 @@ class Manifest(_Strict):
         "(method lora). null: lora for method lora, full otherwise."
     )
     packing: PackingConfig = Field(default_factory=PackingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="TensorBoard, W&B and MLflow "
+                                     "tracking of every subject (README: Tracking).")
     defaults: SubjectSettings = Field(default_factory=SubjectSettings)
     subjects: list[SubjectEntry] = Field(min_length=1)
     # Setting path -> where the base model's carried default came from ("model <base_model> (<file>)"), for
@@ -361,6 +470,8 @@ class Subject(BaseModel):
     model_format: str = "full"  # the manifest's model_format, resolved for this subject's train.method
     # Where each tracked setting's value came from: subjects[i], defaults, the base model's file, or dbbatch.
     settings_from: dict[str, str] = Field(default_factory=dict)
+    sweep_of: Optional[str] = None  # a sweep variant: the subject it varies (config.yaml records it)
+    swept: dict[str, Any] = Field(default_factory=dict)  # a variant's swept settings: {dotted path: value}
 
     def sample_prompts(self) -> list[str]:
         prompts = [format_prompt(p, self.token, self.class_noun) for p in self.samples.prompts]
@@ -414,6 +525,9 @@ def parse_manifest(text: str, source: str = "manifest") -> Manifest:
     except ValidationError as e:
         problems += problems_from(e, Manifest)
     problems += _raw_checks(data)
+    if manifest is not None and not problems:
+        manifest, swept = _expand_sweeps(manifest, data["subjects"])
+        problems += swept
     if manifest is not None and not problems:  # merging formats the prompts: only once they are known good
         problems += _merged_checks(manifest)
     if problems or manifest is None:
@@ -457,12 +571,73 @@ def _raw_checks(data: dict[str, Any]) -> list[str]:
     return problems
 
 
+def where_of(m: Manifest, i: int) -> str:
+    """How error lines name subject i: `subjects[k]`, or `subjects[k](<variant id>)` for a sweep's variant."""
+    s = m.subjects[i]
+    return f"subjects[{i}]" if s._source is None else f"subjects[{s._source}]({s.id})"
+
+
+def source_of(m: Manifest, i: int) -> str:
+    """`subjects[k]` as the manifest file numbers it (a sweep's variants all come from one entry)."""
+    s = m.subjects[i]
+    return f"subjects[{i if s._source is None else s._source}]"
+
+
+def setting_paths() -> list[str]:
+    """Every dotted setting path a subject may set (what a sweep may vary): resolution, train.lora.rank, ..."""
+    def walk(model: type[BaseModel], prefix: str) -> list[str]:
+        out = []
+        for name, info in model.model_fields.items():
+            kind = info.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                out += walk(kind, f"{prefix}{name}.")
+            else:
+                out.append(prefix + name)
+        return out
+    return walk(SubjectSettings, "")
+
+
+def _expand_sweeps(m: Manifest, raw_subjects: list[Any]) -> tuple[Manifest, list[str]]:
+    """The manifest with every subject that has a `sweep` replaced by its variants (dbbatch/sweeps.py), each
+    validated as a subject of its own; and the problems of the swept values, each named once."""
+    from dbbatch.sweeps import expand
+
+    if not any(s.sweep for s in m.subjects):
+        return m, []
+    out: list[SubjectEntry] = []
+    problems: list[str] = []
+    for i, (s, raw) in enumerate(zip(m.subjects, raw_subjects)):
+        if not s.sweep:
+            out.append(s)
+            continue
+        for vid, values, variant in expand(raw, s.sweep):
+            try:
+                entry = SubjectEntry.model_validate(variant)
+            except ValidationError as e:
+                described = ", ".join(f"{p}={short(v)}" for p, v in values.items())
+                problems += [f"subjects[{i}].sweep: {p} (in the variant {described})" for p in problems_from(e, SubjectEntry)]
+                continue
+            if len(vid) > MAX_VARIANT_ID:
+                problems.append(f"subjects[{i}].sweep: the variant id {vid!r} is {len(vid)} characters long, at most "
+                                f"{MAX_VARIANT_ID}; shorten the subject's id or sweep fewer settings")
+                break
+            entry = entry.model_copy(update={"id": vid, "sweep": {}})
+            entry._sweep_of, entry._swept, entry._source = s.id, dict(values), i
+            out.append(entry)
+    # the same bad value fails every variant that has it: say it once
+    first: dict[str, str] = {}
+    for p in problems:
+        first.setdefault(p.split(" (in the variant ")[0], p)
+    problems = list(first.values())
+    return m.model_copy(update={"subjects": out}), problems
+
+
 def _merged_checks(m: Manifest) -> list[str]:
     """Checks on each subject's settings after `defaults` are merged in."""
     problems: list[str] = []
     for i, subject in enumerate(resolve_subjects(m, base_dir=None)):
         t = subject.train
-        where = f"subjects[{i}]"
+        where = where_of(m, i)
         if t.lr_warmup_steps >= t.max_steps:
             problems.append(f"{where}.train.lr_warmup_steps: must be < max_steps ({t.max_steps}), got {t.lr_warmup_steps}")
         from_images = subject.priors.source == "images"
@@ -536,10 +711,21 @@ def _lora_given(m: Manifest, i: int) -> bool:
 
 
 def _merge(base: BaseModel, *overrides: BaseModel) -> dict[str, Any]:
+    """`base` with each override's set keys laid over it; a nested section (train.lora) is merged key by key,
+    so a subject's `train: {lora: {rank: 4}}` keeps the `lora.target` its defaults set."""
     merged = base.model_dump()
     for o in overrides:
-        merged.update(o.model_dump(exclude_unset=True))
+        _overlay(merged, o)
     return merged
+
+
+def _overlay(merged: dict[str, Any], o: BaseModel) -> None:
+    for key in o.model_fields_set:
+        value = getattr(o, key)
+        if isinstance(value, BaseModel) and isinstance(merged.get(key), dict):
+            _overlay(merged[key], value)
+        else:
+            merged[key] = o.model_dump(include={key})[key]
 
 
 # Settings whose origin `Subject.settings_from` records (config.yaml, `dbbatch validate --show-settings`): the
@@ -612,11 +798,14 @@ def with_model_defaults(m: Manifest, base_dir: Optional[Path]) -> Manifest:
 
 def settings_sources(m: Manifest, i: int) -> dict[str, str]:
     """Where subject i's tracked settings come from: `subjects[i]`, `defaults`, the model's file, `dbbatch`."""
-    own, given = _set_paths(m.subjects[i]), _set_paths(m.defaults)
+    s = m.subjects[i]
+    own, given = _set_paths(s), _set_paths(m.defaults)
     out = {}
-    for path in sorted(set(TRACKED_SETTINGS) | set(m._carried)):
-        if path in own:
-            out[path] = f"subjects[{i}]"
+    for path in sorted(set(TRACKED_SETTINGS) | set(m._carried) | set(s._swept)):
+        if path in s._swept:
+            out[path] = f"subjects[{s._source}].sweep"
+        elif path in own:
+            out[path] = f"subjects[{i if s._source is None else s._source}]"
         elif path in m._carried:
             out[path] = m._carried[path]
         elif path in given:
@@ -655,6 +844,8 @@ def resolve_subjects(m: Manifest, base_dir: Optional[Path]) -> list[Subject]:
                 instance_template=flat["instance_prompt"],
                 model_format=m.model_format or ("lora" if _method(m, i) == "lora" else "full"),
                 settings_from=settings_sources(m, i),
+                sweep_of=s._sweep_of,
+                swept=dict(s._swept),
             )
         )
     return out

@@ -9,6 +9,11 @@ The page is self-contained (no requests leave it: images are files beside it, th
 matplotlib, the script that sorts the cards is inline). Subjects that need a human come first: flagged ones
 (a metric of the published step past its evaluation.flag_below / flag_above threshold), then failed ones;
 the cards can be sorted by any metric, and `#sort=<metric>&dir=asc|desc` in the address sorts on load.
+
+A swept subject (manifest `sweep:`) is trained as one subject per combination of settings, its variants
+(`rex~lr=1e-4,rank=4`); each variant's config.yaml names its base (`sweep_of`) and its settings (`swept`). The
+page shows each base's variants in one table above the cards, the winner by the batch's select_by marked, with
+a plot of every metric against every swept setting; summary.json's `sweeps` says the same for machines.
 """
 
 from __future__ import annotations
@@ -21,17 +26,20 @@ import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
+from urllib.parse import quote
 
 import yaml
 
 from dbbatch.errors import DbbatchError
-from dbbatch.evaluation import LOWER_IS_BETTER, METRICS
+from dbbatch.evaluation import LOWER_IS_BETTER, METRICS, describe, selection_score
 from dbbatch.storage import join, redact
+from dbbatch.sweeps import SEPARATOR, format_value, is_variant_id, short_names
 
 log = logging.getLogger(__name__)
 
 REPORT = "_report"
 GRID, PHOTOS, CURVES = "grid.png", "photos.png", "curves.png"
+SWEEPS = "_sweeps"  # <report>/_sweeps/<base id>.png: a subject id cannot start with '_', so no card's folder
 
 
 @dataclass
@@ -61,6 +69,8 @@ class Entry:
     images: dict[str, str] = field(default_factory=dict)  # grid / photos / curves -> path relative to the page
     loss_curve: list[float] = field(default_factory=list)
     points: list[dict[str, Any]] = field(default_factory=list)
+    sweep_of: Optional[str] = None  # the subject this one is a sweep variant of
+    swept: dict[str, Any] = field(default_factory=dict)  # dotted setting path -> this variant's value
 
     @property
     def attention(self) -> int:
@@ -119,6 +129,26 @@ def _metrics_of(point: Any) -> dict[str, Optional[float]]:
     return {m: _num(point.get(m)) for m in METRICS} if isinstance(point, dict) else {}
 
 
+def _select_by(v: Any) -> Any:
+    """A stored select_by as evaluation.selection_score takes it (a metric name, or metric -> finite weight),
+    else None: the sweep table ranks variants with it."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, dict) and v and all(isinstance(k, str) and _num(w) is not None for k, w in v.items()):
+        return dict(v)
+    return None
+
+
+def _setting(v: Any) -> bool:
+    """Whether a stored swept value is one a setting can have (text, a finite number, a boolean, null): a list
+    or a mapping where one value belongs is dropped, and NaN would make summary.json invalid JSON."""
+    return v is None or isinstance(v, (str, bool, int)) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _swept(v: Any) -> dict[str, Any]:
+    return {k: x for k, x in v.items() if isinstance(k, str) and _setting(x)} if isinstance(v, dict) else {}
+
+
 def entry_of(storage: Any, output: str, sid: str, last: Optional[tuple[dict[str, Any], str]]) -> Entry:
     """One subject as stored. Every value is typed here (numbers as numbers, a known status): the stored files
     are written by workers, but anyone who can write to the store can write them, and the page runs a script."""
@@ -142,7 +172,8 @@ def entry_of(storage: Any, output: str, sid: str, last: Optional[tuple[dict[str,
                       loss_curve=[x for x in map(_num, metrics.get("loss_curve") or []) if x is not None])
         ev = metrics.get("evaluation")
         if isinstance(ev, dict):
-            entry.published_step, entry.best_step, entry.select_by = _step(ev.get("published_step")), _step(ev.get("best_step")), ev.get("select_by")
+            entry.published_step, entry.best_step = _step(ev.get("published_step")), _step(ev.get("best_step"))
+            entry.select_by = _select_by(ev.get("select_by"))
             entry.scores, entry.baseline = _metrics_of(ev.get("published")), _metrics_of(ev.get("baseline"))
             entry.flagged, entry.flags = bool(ev.get("flagged")), [str(f) for f in ev.get("flags") or []]
             entry.points = [{"step": _step(p.get("step")), **_metrics_of(p)} for p in ev.get("points") or []
@@ -157,7 +188,39 @@ def entry_of(storage: Any, output: str, sid: str, last: Optional[tuple[dict[str,
     entry.class_noun, entry.token = _text(config.get("class_noun")), _text(config.get("token"))
     train = config.get("train") if isinstance(config.get("train"), dict) else {}
     entry.method = entry.method or _text(train.get("method"))
+    entry.sweep_of = config["sweep_of"] if isinstance(config.get("sweep_of"), str) and config["sweep_of"] else None
+    if entry.sweep_of is None and not config and is_variant_id(sid):
+        # No config.yaml: a variant that failed, or is not done yet, before publishing. Its id still names
+        # its base (`~` is refused in manifest ids); its settings are then shown by its id only.
+        entry.sweep_of = sid.split(SEPARATOR, 1)[0] or None
+    entry.swept = _swept(config.get("swept"))
     return entry
+
+
+def sweep_groups(entries: list[Entry]) -> list[dict[str, Any]]:
+    """Each swept subject's variants side by side, by base id (summary.json's `sweeps`): `keys`, the swept
+    settings in first-seen order; `select_by`, the first succeeded variant's (one manifest setting, unless the
+    sweep varies it); each variant's settings, published scores and selection score; `best`, the succeeded
+    variant with the highest selection score, the first in id order of equal ones. As in best_step, a single
+    lower-is-better metric scores as its negative, so the highest score is always the winner."""
+    by_base: dict[str, list[Entry]] = {}
+    for e in sorted(entries, key=lambda e: e.id):
+        if e.sweep_of is not None:
+            by_base.setdefault(e.sweep_of, []).append(e)
+    groups = []
+    for base, variants in sorted(by_base.items()):
+        keys = list(dict.fromkeys(k for e in variants for k in e.swept))
+        select_by = next((e.select_by for e in variants if e.status == "succeeded" and e.select_by is not None), None)
+        rows, best = [], None
+        for e in variants:
+            score = selection_score(e.scores, select_by) if e.status == "succeeded" and select_by is not None else None
+            rows.append({"id": e.id, "status": e.status, "settings": {k: e.swept[k] for k in keys if k in e.swept},
+                         "scores": {m: e.scores.get(m) for m in METRICS}, "score": score})
+            if score is not None and (best is None or score > best[0]):
+                best = (score, e.id)
+        groups.append({"subject": base, "keys": keys, "select_by": select_by, "variants": rows,
+                       "best": None if best is None else best[1]})
+    return groups
 
 
 def curves_png(entry: Entry) -> bytes:
@@ -197,8 +260,114 @@ def curves_png(entry: Entry) -> bytes:
     return buf.getvalue()
 
 
+def _plot_text(text: str, limit: int) -> str:
+    """Stored text as a matplotlib label: shortened, and `$` escaped (an odd or malformed $...$ pair is parsed
+    as mathtext and raises when the figure is drawn)."""
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.replace("$", r"\$")
+
+
+def _x_order(v: Any) -> tuple[int, float, str]:
+    """Where a swept value sits on its axis: numbers in numeric order, then the rest (text, booleans, null) by name."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (0, float(v), "")
+    return (1, 0.0, format_value(v))
+
+
+def sweep_metrics(group: dict[str, Any]) -> list[str]:
+    """The metrics some variant of the group has a published score of: the table's and the plot's."""
+    return [m for m in METRICS if any(r["scores"].get(m) is not None for r in group["variants"])]
+
+
+def sweep_png(group: dict[str, Any]) -> Optional[bytes]:
+    """Every metric (rows) against every swept setting (columns) of one sweep_groups() group (matplotlib,
+    headless), or None when no variant has both. Each panel puts the setting's distinct values at evenly spaced
+    positions (a learning rate and a rank are categories here, not a scale) and joins the variants that share
+    their other settings, so an interaction shows as lines that cross; the best variant is a red star."""
+    metrics, keys = sweep_metrics(group), group["keys"]
+    if not metrics or not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    rows = [r for r in group["variants"] if r["status"] == "succeeded"]
+    fig = Figure(figsize=(1.0 + 2.8 * len(keys), 0.6 + 2.1 * len(metrics)), dpi=100, layout="constrained")
+    axes = fig.subplots(len(metrics), len(keys), squeeze=False)
+    names = short_names(keys)  # the settings' names in the variant ids (lr, rank)
+    for j, key in enumerate(keys):
+        ticks = {_x_order(r["settings"][key]): format_value(r["settings"][key]) for r in rows if key in r["settings"]}
+        x_of = {o: i for i, o in enumerate(sorted(ticks))}
+        others = [k for k in keys if k != key]
+        for i, metric in enumerate(metrics):
+            ax = axes[i][j]
+            lines: dict[tuple[str, ...], list[tuple[int, float]]] = {}  # the other settings' values -> points
+            for r in rows:
+                if key in r["settings"] and r["scores"].get(metric) is not None:
+                    x, y = x_of[_x_order(r["settings"][key])], r["scores"][metric]
+                    rest = tuple(format_value(r["settings"][k]) if k in r["settings"] else "–" for k in others)
+                    lines.setdefault(rest, []).append((x, y))
+                    if r["id"] == group["best"]:
+                        ax.plot([x], [y], marker="*", ms=13, color="#d62728", ls="none", zorder=5, label="best")
+            named = 1 < len(lines) <= 8  # more lines than a legend can name are left unnamed
+            for rest, xy in sorted(lines.items()):
+                label = ", ".join(f"{names[k]}={v}" for k, v in zip(others, rest))
+                ax.plot(*zip(*sorted(xy)), marker="o", ms=4, lw=1.2, label=_plot_text(label, 40) if named else None)
+            ax.set_xticks(range(len(ticks)), [_plot_text(ticks[o], 12) for o in sorted(ticks)])
+            ax.set_xlim(-0.5, len(ticks) - 0.5)
+            ax.tick_params(labelsize=7)
+            if i == 0:
+                ax.set_title(_plot_text(key, 40), fontsize=9)
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize=6)
+            if j == 0:
+                ax.set_ylabel(metric + (" ↓" if metric in LOWER_IS_BETTER else ""), fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
 def _fmt(v: Any) -> str:
     return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+
+
+def _card_anchor(sid: str) -> str:
+    """A card's element id: prefixed, so that a subject named `sort` or `cards` cannot take the page's own."""
+    return f"card-{sid}"
+
+
+def _sweep_anchor(base: str) -> str:
+    return f"sweep-{base}"
+
+
+BEST_MARK = ' <span class="best-mark">★ best</span>'
+
+
+def _sweep_block(g: dict[str, Any]) -> str:
+    """One sweep_groups() group as a table, one row per variant (the best marked), and its plot."""
+    metrics = sweep_metrics(g)
+    head = ("<th>variant</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in g["keys"]) + "<th>status</th>"
+            + "".join(f"<th>{m}{' ↓' if m in LOWER_IS_BETTER else ''}</th>" for m in metrics)
+            + f"<th>score{' (' + html.escape(describe(g['select_by'])) + ')' if g['select_by'] is not None else ''}</th>")
+    rows = []
+    for r in g["variants"]:
+        best = r["id"] == g["best"]
+        settings = "".join(f"<td>{html.escape(format_value(r['settings'][k])) if k in r['settings'] else '–'}</td>"
+                           for k in g["keys"])
+        scores = "".join(f"<td>{_fmt(r['scores'].get(m))}</td>" for m in metrics)
+        rows.append(f'<tr class="variant {r["status"]}{" best" if best else ""}" data-id="{html.escape(r["id"])}">'
+                    f'<td class="id"><a href="#{html.escape(quote(_card_anchor(r["id"])))}">{html.escape(r["id"])}</a>'
+                    f'{BEST_MARK if best else ""}</td>{settings}<td>{r["status"]}</td>{scores}'
+                    f'<td>{_fmt(r["score"])}</td></tr>')
+    plot = g.get("plot")
+    img = (f'<figure><img class="sweep" src="{html.escape(quote(plot))}" alt="metrics against the swept settings of '
+           f'{html.escape(g["subject"])}"><figcaption>each metric against each swept setting; red star: the best '
+           f'variant</figcaption></figure>') if plot else ""
+    won = f"best: {html.escape(g['best'])}" if g["best"] is not None else "no variant scored yet"
+    return (f'<section class="sweep" id="{html.escape(_sweep_anchor(g["subject"]))}" data-subject="{html.escape(g["subject"])}">'
+            f'<h3>{html.escape(g["subject"])} <span class="facts">{len(g["variants"])} variants · {won}</span></h3>'
+            f'<table class="sweep-table"><tr>{head}</tr>{"".join(rows)}</table>{img}</section>')
 
 
 def _card(e: Entry) -> str:
@@ -208,16 +377,19 @@ def _card(e: Entry) -> str:
         f"<tr><th>{m}{' ↓' if m in LOWER_IS_BETTER else ''}</th><td>{_fmt(e.scores.get(m))}</td><td>{_fmt(e.baseline.get(m))}</td></tr>"
         for m in METRICS if e.scores.get(m) is not None or e.baseline.get(m) is not None)
     table = f'<table class="scores"><tr><th></th><th>published</th><th>base</th></tr>{rows}</table>' if rows else ""
-    imgs = "".join(f'<figure><img class="{k}" src="{html.escape(e.images[k])}" alt="{k} of {html.escape(e.id)}"><figcaption>{k}</figcaption></figure>'
+    # The image paths are folder names: quoted, since a sweep variant's id has '~', '=' and ','
+    imgs = "".join(f'<figure><img class="{k}" src="{html.escape(quote(e.images[k]))}" alt="{k} of {html.escape(e.id)}"><figcaption>{k}</figcaption></figure>'
                    for k in ("grid", "photos", "curves") if k in e.images)
     facts = [html.escape(e.method) if e.method else None, f"class {html.escape(e.class_noun)}" if e.class_noun else None,
              f"{e.steps} steps" if e.steps is not None else None,
              f"published step {e.published_step} (best {e.best_step})" if e.published_step is not None else None,
-             f"cohort {html.escape(e.cohort)}" if e.cohort else None, f"{e.seconds:.0f} s training" if e.seconds else None]
+             f"cohort {html.escape(e.cohort)}" if e.cohort else None, f"{e.seconds:.0f} s training" if e.seconds else None,
+             f'variant of <a href="#{html.escape(quote(_sweep_anchor(e.sweep_of)))}">{html.escape(e.sweep_of)}</a>'
+             + html.escape("".join(f", {k}={format_value(v)}" for k, v in e.swept.items())) if e.sweep_of else None]
     flags = "".join(f"<li>{html.escape(f)}</li>" for f in e.flags)
     error = f'<p class="error">{html.escape(e.error_class or "")}: {html.escape(e.error)}</p>' if e.error else ""
     return (f'<section class="card {badge}" data-id="{html.escape(e.id)}" data-status="{e.status}" '
-            f'data-flagged="{str(e.flagged).lower()}" data-attention="{e.attention}" {data}>'
+            f'data-flagged="{str(e.flagged).lower()}" data-attention="{e.attention}" {data} id="{html.escape(_card_anchor(e.id))}">'
             f'<h2>{html.escape(e.id)} <span class="badge">{badge}</span></h2>'
             f'<p class="facts">{" · ".join(f for f in facts if f)}</p>'
             f'{"<ul class=flags>" + flags + "</ul>" if flags else ""}{error}{table}<div class="images">{imgs}</div></section>')
@@ -232,6 +404,11 @@ padding:10px 14px;margin:12px 0} .card.flagged{border-left:6px solid #d62728} .c
 .flags{color:#d62728;margin:4px 0} .scores td,.scores th{padding:1px 8px;text-align:right} .images{display:flex;
 flex-wrap:wrap;gap:10px} figure{margin:0} figure img{max-height:260px;image-rendering:pixelated;border:1px solid #eee}
 figcaption{font-size:11px;color:#777} .facts{color:#555;margin:2px 0} img.grid{height:192px} img.photos{height:64px}
+.sweep{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px 14px;margin:12px 0} .sweep-table{border-collapse:
+collapse;margin-bottom:8px} .sweep-table td,.sweep-table th{padding:2px 8px;text-align:right;border-bottom:1px solid #eee}
+.sweep-table td.id{text-align:left} .sweep-table tr.best{background:#e3f4e1;font-weight:600} .best-mark{color:#2ca02c}
+.sweep-table tr.failed,.sweep-table tr.preempted,.sweep-table tr.pending{color:#b45a00}
+img.sweep{max-height:none;max-width:100%;image-rendering:auto}
 """
 
 SCRIPT = """
@@ -274,8 +451,11 @@ def totals(entries: list[Entry]) -> dict[str, Any]:
             "train_seconds": round(sum(e.seconds or 0 for e in entries if e.status == "succeeded"), 1)}
 
 
-def page(entries: list[Entry], output: str, generated_at: str) -> str:
+def page(entries: list[Entry], output: str, generated_at: str, sweeps: Optional[list[dict[str, Any]]] = None) -> str:
+    """The page; `sweeps`: sweep_groups(entries) with each group's plot path (build's), else without plots."""
     t = totals(entries)
+    sweeps = sweep_groups(entries) if sweeps is None else sweeps
+    swept = f'<h2>Sweeps</h2><div id="sweeps">{"".join(_sweep_block(g) for g in sweeps)}</div>' if sweeps else ""
     ordered = sorted(entries, key=lambda e: (e.attention, e.id))
     cells = "".join(f"<th>{k.replace('_', ' ')}</th><td>{v}</td>" for k, v in t.items())
     options = "".join(f'<option value="{m}">{m}</option>' for m in ("id", *METRICS))
@@ -287,6 +467,7 @@ def page(entries: list[Entry], output: str, generated_at: str) -> str:
 <h1>dbbatch report</h1>
 <p>{html.escape(output)} · generated {html.escape(generated_at)} · machine-readable: <a href="summary.json">summary.json</a></p>
 <table class="totals" id="totals"><tr>{cells}</tr></table>
+{swept}
 <p>Sort by <select id="sort">{options}</select> <select id="dir"><option value="desc">highest first</option>
 <option value="asc">lowest first</option></select> (flagged subjects, then unfinished ones, stay on top)</p>
 <div id="cards">{"".join(_card(e) for e in ordered)}</div>
@@ -338,10 +519,24 @@ def build(storage: Any, output: str, subject_ids: Optional[list[str]] = None,
         if e.status == "succeeded" and (e.loss_curve or e.points):
             storage.write_bytes(join(folder, e.id, CURVES), curves_png(e))
             e.images["curves"] = f"{e.id}/{CURVES}"
+    from dbbatch.manifest import SUBJECT_ID_RE
+
+    sweeps = sweep_groups(entries)
+    for g in sweeps:  # drawn again each time: a few per batch, and a variant finishing changes its group's plot
+        if stop is not None and stop():
+            log.warning("report: stopped before the plot of sweep %s (a stop was requested); `dbbatch report %s` "
+                        "rebuilds it", g["subject"], shown)
+            return None
+        g["plot"] = None
+        if not SUBJECT_ID_RE.match(g["subject"]):  # it names a file; a stored sweep_of is anyone's text
+            log.warning("report: no plot for sweep %r: not a subject id", g["subject"])
+        elif (png := sweep_png(g)) is not None:
+            storage.write_bytes(join(folder, SWEEPS, f"{g['subject']}.png"), png)
+            g["plot"] = f"{SWEEPS}/{g['subject']}.png"
     generated_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    summary = {"output": shown, "generated_at": generated_at, "totals": totals(entries),
+    summary = {"output": shown, "generated_at": generated_at, "totals": totals(entries), "sweeps": sweeps,
                "subjects": [{k: v for k, v in asdict(e).items() if k not in ("loss_curve",)} for e in
                             sorted(entries, key=lambda e: (e.attention, e.id))]}
     storage.write_text(join(folder, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    storage.write_text(join(folder, "index.html"), page(entries, shown, generated_at))
+    storage.write_text(join(folder, "index.html"), page(entries, shown, generated_at, sweeps))
     return summary

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -408,9 +408,11 @@ def device_count(devices: Any) -> int:
 
 def fit(module: DreamBoothModule, loader: Any, train: Any, checkpointer: Any, log_dir: Any,
         resume_path: Optional[str], progress: Any = None, subject_id: Optional[str] = None,
-        before_checkpoints: tuple[Any, ...] = ()) -> TrainResult:
+        before_checkpoints: tuple[Any, ...] = (), loggers: Sequence[Any] = (), tensorboard: bool = True) -> TrainResult:
     """Run (or resume) Lightning training for one subject. Preempted propagates after its checkpoint.
     `before_checkpoints`: callbacks whose step-end work a checkpoint of that step must include (scoring).
+    `loggers`: tracking runs (tracking.py) beside the TensorBoard log in `log_dir` (off with `tensorboard`
+    False); with DDP they are left out (the caller logs the loss curve when training ends).
 
     With more than one device, only this fit runs in DDP ranks spawned here (see dbbatch/ddp.py); each rank
     trains train.batch_size examples per micro-batch, so the effective batch is devices x batch_size."""
@@ -443,7 +445,8 @@ def fit(module: DreamBoothModule, loader: Any, train: Any, checkpointer: Any, lo
         accelerator="auto", devices=train.devices, strategy=strategy, max_steps=train.max_steps, max_epochs=-1,
         precision=precision_of(train.mixed_precision), accumulate_grad_batches=train.gradient_accumulation,
         gradient_clip_val=train.max_grad_norm, callbacks=callbacks,
-        logger=TensorBoardLogger(str(log_dir), name="", version=""), log_every_n_steps=1,
+        logger=[*([TensorBoardLogger(str(log_dir), name="", version="")] if tensorboard else []),
+                *(() if distributed else loggers)] or False, log_every_n_steps=1,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=str(log_dir),
         # Our EpochShuffle shards the data itself (Lightning's DistributedSamplerWrapper would hide its epoch).

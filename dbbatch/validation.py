@@ -11,13 +11,15 @@ Token rules (CLIP BPE merges are ordered by frequency, so a token's id is its fr
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from dbbatch.errors import DbbatchError, ModelError, StorageError
-from dbbatch.manifest import Manifest, resolve_location, resolve_subjects
+from dbbatch.manifest import Manifest, resolve_location, resolve_subjects, source_of, where_of
 from dbbatch.manifest_errors import closest, did_you_mean
 
 COMMON_WORD_MAX_ID = 10000
@@ -42,7 +44,7 @@ def token_problems(manifest: Manifest, tokenizer: Any) -> tuple[list[str], list[
             continue  # reported by the manifest's own checks, once
         pieces = tokenizer.tokenize(s.token)
         ids = tokenizer.convert_tokens_to_ids(pieces)
-        where = f"subjects[{i}].token"
+        where = f"{source_of(manifest, i)}.token"
         if len(pieces) == 1 and ids[0] < COMMON_WORD_MAX_ID:
             problems.append(
                 f"{where}: {s.token!r} is a common word (CLIP token #{ids[0]}); fine-tuning would overwrite its meaning. "
@@ -95,7 +97,7 @@ def resolution_problems(manifest: Manifest, factor: int, native: int) -> list[st
     scale factor (8 for Stable Diffusion, 2 for builtin:tiny-sd). Reported where the value is set."""
     problems: list[str] = []
     for i, s in enumerate(manifest.subjects):
-        where = f"subjects[{i}].resolution" if s.resolution is not None else "defaults.resolution"
+        where = f"{where_of(manifest, i)}.resolution" if s.resolution is not None else "defaults.resolution"
         res = s.resolution if s.resolution is not None else manifest.defaults.resolution
         if res is None or res % factor == 0:
             continue
@@ -186,6 +188,26 @@ def writable_problem(storage: Any, location: str, field_name: str) -> Optional[s
     return None
 
 
+# tracking service -> (its module, how to install it): dbbatch's optional extras
+TRACKING_EXTRAS = {"wandb": ("wandb", "pip install 'dbbatch[wandb]'"), "mlflow": ("mlflow", "pip install 'dbbatch[mlflow]'")}
+
+
+def installed(module: str) -> bool:
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
+
+
+def missing_extras(tracking: Any) -> list[str]:
+    """One line per tracking service the manifest asks for whose package is not installed."""
+    out = []
+    for name in tracking.backends():
+        module, command = TRACKING_EXTRAS[name]
+        if not installed(module):
+            out.append(f"tracking.{name}: the {module} package is not installed; {command} (or remove tracking.{name})")
+    return out
+
+
 def check_manifest(manifest: Manifest, base_dir: Optional[Path], storage: Any, check_remote: bool,
                    output: str, prior_cache: str) -> Findings:
     """Every problem and warning; nothing is raised for a per-item problem, so all are reported at once.
@@ -210,11 +232,12 @@ def check_manifest(manifest: Manifest, base_dir: Optional[Path], storage: Any, c
     found.problems += lora_target_problems(manifest, base_dir, storage, check_remote)
     found.warnings += packing_warnings(manifest)
     found.problems += evaluation_model_problems(manifest, base_dir, storage, check_remote)
+    found.problems += missing_extras(manifest.tracking)
     eight_bit = [s.index for s in resolve_subjects(manifest, None) if s.train.optimizer == "adamw8bit"]
     lacking = adamw8bit_lacks() if eight_bit else None
     if lacking:
         # Name the key the user wrote: the subject's own, or `defaults` once for every subject inheriting it.
-        wheres = {f"subjects[{i}].train.optimizer" if "optimizer" in manifest.subjects[i].train.model_fields_set
+        wheres = {f"{where_of(manifest, i)}.train.optimizer" if "optimizer" in manifest.subjects[i].train.model_fields_set
                   else "defaults.train.optimizer" for i in eight_bit}
         for where in sorted(wheres):
             found.problems.append(f"{where}: adamw8bit needs {lacking} (bitsandbytes' 8-bit AdamW runs on CUDA GPUs only); use adamw")
@@ -227,11 +250,16 @@ def check_manifest(manifest: Manifest, base_dir: Optional[Path], storage: Any, c
             found.problems.append(problem)
         else:
             usable.append((location, name))
+    found.problems, found.warnings = list(dict.fromkeys(found.problems)), list(dict.fromkeys(found.warnings))
     if not check_remote:
         return found
     native = geometry[1] if geometry else 64
+    checked: set[str] = set()
     for subject in resolve_subjects(manifest, base_dir):
-        where = f"subjects[{subject.index}].images"
+        where = f"{source_of(manifest, subject.index)}.images"
+        if where in checked:  # a sweep's variants share their subject's photos: read them once
+            continue
+        checked.add(where)
         p, w = _image_findings(subject, storage, subject.resolution or native)
         found.problems += [f"{where}: {x}" for x in p]
         found.warnings += [f"{where}: {x}" for x in w]
@@ -282,7 +310,7 @@ def lora_target_problems(manifest: Manifest, base_dir: Optional[Path], storage: 
         return []
     problems = {}
     for s in subjects:
-        where = f"subjects[{s.index}]" if "target" in manifest.subjects[s.index].train.lora.model_fields_set else "defaults"
+        where = where_of(manifest, s.index) if "target" in manifest.subjects[s.index].train.lora.model_fields_set else "defaults"
         problem = target_problem(f"{where}.train.lora.target", layers, s.train.lora.target)
         if problem:
             problems.setdefault(where, problem)
@@ -301,7 +329,7 @@ def evaluation_model_problems(manifest: Manifest, base_dir: Optional[Path], stor
             if source is None:
                 continue
             own = manifest.subjects[subject.index].evaluation.model_fields_set
-            where = f"subjects[{subject.index}].evaluation.{key}" if key in own else f"defaults.evaluation.{key}"
+            where = f"{where_of(manifest, subject.index)}.evaluation.{key}" if key in own else f"defaults.evaluation.{key}"
             if (where, source) in seen:
                 continue
             seen.add((where, source))

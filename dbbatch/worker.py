@@ -88,6 +88,7 @@ class Batch:
         self.reset_seconds: list[float] = []  # putting the base model back after each subject (bench/run.py)
         self.device: Any = None
         self.leases = Leases(storage, options.output, options.run_id, options.lease_seconds) if options.leases else None
+        self.tracked: dict[str, Any] = {}  # subject id -> its open tracking runs (tracking.SubjectRuns)
         # Scratch of this process only: two workers sharing a work dir never touch each other's files.
         self.scratch = scratch_dir(options.work_dir, options.run_id)
 
@@ -120,6 +121,22 @@ class Batch:
                 self._embedders[(key, source)] = evaluators.load(source, key, self.base_dir, self.opts.work_dir / "cache", self.storage)
             out[key] = self._embedders[(key, source)]
         return out
+
+    def tracking(self, subject: Subject, out: str, guard: Any = None) -> Any:
+        """The subject's tracking runs, opened once per attempt (continuing the runs its stored ids name)."""
+        from dbbatch.tracking import Context, SubjectRuns
+
+        if subject.id not in self.tracked:
+            ctx = Context(self.opts.run_id, self.manifest.base_model, self.opts.output, redact(self.opts.output),
+                          self.opts.work_dir, self.base_dir)
+            self.tracked[subject.id] = SubjectRuns(self.manifest.tracking, subject, out, self.storage, ctx, guard).open()
+        return self.tracked[subject.id]
+
+    def end_tracking(self, subject: Subject, e: BaseException) -> None:
+        """A failed subject's runs end as failed; a preempted one's stay open for the attempt that resumes it."""
+        runs = self.tracked.pop(subject.id, None)
+        if runs is not None and not isinstance(e, Preempted):
+            runs.close("failed", summary={"error": str(e).splitlines()[0] if str(e) else type(e).__name__})
 
     def state_of(self, subject: Subject) -> str:
         out = join(self.opts.output, subject.id)
@@ -313,6 +330,7 @@ class Batch:
     def failure(self, subject: Subject, e: BaseException, seconds: float) -> SubjectResult:
         """The result of a subject that stopped with `e` (preempted, or failed with a one-line message)."""
         out = join(self.opts.output, subject.id)
+        self.end_tracking(subject, e)
         if isinstance(e, Preempted):
             log.warning("%s: %s", subject.id, e)
             return SubjectResult(subject.id, "preempted", out, seconds=seconds, error_class="Preempted", message=str(e))
@@ -359,6 +377,9 @@ class SubjectRun:
     def scratch(batch: Batch, subject: Subject) -> Path:
         """The subject's folder in this worker's scratch (removed with it when the batch ends)."""
         return batch.scratch / "subjects" / subject.id
+
+    def tracking(self) -> Any:
+        return self.b.tracking(self.s, self.out, self.lease.check if self.lease else None)
 
     def holds_lease(self, what: str) -> None:
         """Before any write to the subject's outputs: the lease is still ours (no I/O)."""
@@ -482,7 +503,24 @@ class SubjectRun:
         t = time.monotonic()
         metrics = self.publish_rest(train_metrics)
         self._timed("publish", t)
+        self.end_tracking(metrics)
         return metrics
+
+    def end_tracking(self, metrics: dict[str, Any]) -> None:
+        """The evaluation points, the grid and the outputs go to the subject's tracking runs, which then end."""
+        runs = self.tracking()  # opened now when the model was stored by an earlier attempt
+        self.b.tracked.pop(self.s.id, None)
+        if not runs.loggers_by_service:
+            return
+        evaluation = metrics.get("evaluation") or {}
+        runs.log_evaluation(evaluation)
+        try:
+            grid = self.storage.read_bytes(join(self.out, "samples", "grid.png"))
+        except StorageError:
+            grid = None
+        runs.close("success", grid, {"steps": metrics.get("steps"), "final_loss": metrics.get("final_loss"),
+                                     **({"published_step": evaluation.get("published_step"),
+                                         "flags": evaluation.get("flags")} if evaluation else {})})
 
     # -- stages ---------------------------------------------------------------------------------------------------
     def photo_files(self, warn: bool = False) -> list[str]:
@@ -651,7 +689,8 @@ class SubjectRun:
         try:
             if task is not None and resumed_from:
                 task.set(resumed_from)
-            result = fit(module, loader, cfg, checkpointer, self.work / "logs", resume_path, task, self.s.id, scoring)
+            result = fit(module, loader, cfg, checkpointer, self.work / "logs", resume_path, task, self.s.id, scoring,
+                         self.tracking().loggers(), self.b.manifest.tracking.tensorboard)
         finally:
             if task is not None:
                 task.close()
@@ -659,6 +698,8 @@ class SubjectRun:
                 model.unet.disable_gradient_checkpointing()
         model.to(self.b.device)  # Lightning's teardown moved the trained modules to the CPU
         losses = result.losses
+        if not in_process:  # DDP ranks do not log to tracking services: the curve goes in now
+            self.tracking().log_losses(losses, result.steps - len(losses))
         evaluated = self.evaluated(scorer, result.steps, scored_during=bool(scoring))
         return {**evaluated,
             "steps": result.steps, "final_loss": losses[-1] if losses else None,

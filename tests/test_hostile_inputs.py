@@ -30,7 +30,9 @@ from conftest import REPO, cli_env, draw_subject, run_cli
 
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR) (.*)$")
 # A planted secret must never be written anywhere: env vars and storage_options both carry one.
-SECRETS = {"AWS_SECRET_ACCESS_KEY": "planted-env-secret-7f3a", "HF_TOKEN": "planted-hf-token-91c2"}
+SECRETS = {"AWS_SECRET_ACCESS_KEY": "planted-env-secret-7f3a", "HF_TOKEN": "planted-hf-token-91c2",
+           "WANDB_API_KEY": "planted-wandb-key-3e9b", "MLFLOW_TRACKING_PASSWORD": "planted-mlflow-pass-a41d",
+           "MLFLOW_TRACKING_TOKEN": "planted-mlflow-token-77c0"}
 OPTION_SECRETS = ["planted-option-password-5d1e", "planted-option-client-secret-88b0"]
 
 
@@ -170,7 +172,7 @@ MANIFEST_CASES = [
         "m.yaml: ouptut: unknown key; did you mean 'output'?"]),
     ManifestCase("unknown-key", doc(subject(colour="brown")), 2, [
         "m.yaml: subjects[0].colour: unknown key; allowed here: resolution, instance_prompt, class_prompt, train, "
-        "priors, samples, evaluation, id, token, class_noun, images"]),
+        "priors, samples, evaluation, id, token, class_noun, images, sweep"]),
     ManifestCase("missing-key", {"subjects": [subject()]}, 2, [
         "m.yaml: output: required key is missing (Where results go: a local path or fsspec URL.)"]),
     ManifestCase("wrong-type-number", doc(subject(train={"max_steps": "many"})), 2, [
@@ -325,6 +327,57 @@ MANIFEST_CASES = [
         "{token}? (available: {token}, {class_noun})"]),
     ManifestCase("evaluation-key-typo", doc(defaults={"evaluation": {"evry": 100}}), 2, [
         "m.yaml: defaults.evaluation.evry: unknown key; did you mean 'every'?"]),
+    # tracking and sweeps (issue 16)
+    ManifestCase("tracking-wandb-api-key", doc(tracking={"wandb": {"project": "p", "api_key": "abc"}}), 2, [
+        "m.yaml: tracking.wandb: api_key: credentials never go in the manifest (it is committed, shared and embedded in "
+        "Job specs); set WANDB_API_KEY in the environment"]),
+    ManifestCase("tracking-wandb-no-project", doc(tracking={"wandb": {"mode": "offline"}}), 2, [
+        "m.yaml: tracking.wandb.project: required key is missing (W&B project: one run per subject in it.)"]),
+    ManifestCase("tracking-wandb-mode-typo", doc(tracking={"wandb": {"project": "p", "mode": "ofline"}}), 2, [
+        "m.yaml: tracking.wandb.mode: must be one of 'online', 'offline' or 'disabled', got 'ofline'; did you mean 'offline'?"]),
+    ManifestCase("tracking-mlflow-uri-with-password", doc(tracking={"mlflow": {"experiment": "e", "tracking_uri": "https://me:hunter2@mlflow.example.com"}}), 2, [
+        "m.yaml: tracking.mlflow.tracking_uri: has a user name or password in it; credentials never go in the manifest: "
+        "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment and "
+        "give the URI without them"]),
+    ManifestCase("tracking-mlflow-uri-no-scheme", doc(tracking={"mlflow": {"experiment": "e", "tracking_uri": "mlflow.example.com:5000"}}), 2, [
+        "m.yaml: tracking.mlflow.tracking_uri: 'mlflow.example.com:5000' is not an MLflow tracking URI; use "
+        "http(s)://host:port for a server or sqlite:///path/mlflow.db for a local store"]),
+    ManifestCase("tracking-key-typo", doc(tracking={"tensorbord": False}), 2, [
+        "m.yaml: tracking.tensorbord: unknown key; did you mean 'tensorboard'?"]),
+    ManifestCase("sweep-images", doc(subject(sweep={"images": ["a/", "b/"]})), 2, [
+        "m.yaml: subjects[0].sweep: 'images' cannot be swept: it names the subject's photos (a sweep compares settings "
+        "on the same photos)"]),
+    ManifestCase("sweep-token", doc(subject(sweep={"token": ["sks", "ohwx"]})), 2, [
+        "m.yaml: subjects[0].sweep: 'token' cannot be swept: it names the subject in its prompts"]),
+    ManifestCase("sweep-unknown-setting", doc(subject(sweep={"train.learning_rat": [1e-4]})), 2, [
+        "m.yaml: subjects[0].sweep: unknown setting 'train.learning_rat'; did you mean 'train.learning_rate'? (a dotted "
+        "path such as train.learning_rate or train.lora.rank)"]),
+    ManifestCase("sweep-not-a-list", doc(subject(sweep={"train.learning_rate": 1e-4})), 2, [
+        "m.yaml: subjects[0].sweep.train.learning_rate: must be a list, got 0.0001"]),
+    ManifestCase("sweep-bad-value-named-once", doc(subject(train={"method": "lora"}, sweep={"train.learning_rate": [1e-4, -1.0], "train.lora.rank": [4, 8]})), 2, [
+        "m.yaml: subjects[0].sweep: train.learning_rate: must be > 0.0, got -1.0 (in the variant "
+        "train.learning_rate=-1.0, train.lora.rank=4)"]),
+    ManifestCase("sweep-empty-list", doc(subject(sweep={"train.seed": []})), 2, [
+        "m.yaml: subjects[0].sweep: train.seed: give at least one value"]),
+    ManifestCase("sweep-duplicate-value", doc(subject(sweep={"train.seed": [4, 4]})), 2, [
+        "m.yaml: subjects[0].sweep: train.seed: a value is listed twice; each combination must differ"]),
+    ManifestCase("sweep-list-value", doc(subject(train={"method": "lora"}, sweep={"train.lora.target": [["to_q"], ["to_k"]]})), 2, [
+        "m.yaml: subjects[0].sweep: train.lora.target: ['to_q'] is not a single value; sweep values are numbers, "
+        "strings, true/false or null"]),
+    ManifestCase("sweep-too-many-variants", doc(subject(sweep={"train.seed": list(range(9)), "train.max_steps": list(range(10, 90, 10))})), 2, [
+        "m.yaml: subjects[0].sweep: expands into 72 variants, at most 64; sweep fewer values (or split the subject)"]),
+    ManifestCase("sweep-variant-conflict", doc(subject(train={"lora": {"rank": 4}}, sweep={"train.method": ["full", "lora"]})), 2, [
+        "m.yaml: subjects[0](rex~method=full).train.lora: set, but train.method is full (LoRA settings apply to method "
+        "lora); set train.method: lora or remove train.lora"]),
+    ManifestCase("sweep-in-defaults", doc(defaults={"sweep": {"train.seed": [1, 2]}}), 2, [
+        "m.yaml: defaults.sweep: unknown key; allowed here: resolution, instance_prompt, class_prompt, train, priors, "
+        "samples, evaluation"]),
+    ManifestCase("sweep-variant-id-too-long", doc(subject(id="a" * 63, sweep={"train.text_encoder_learning_rate": [1e-4], "priors.guidance_scale": [1.5], "samples.guidance_scale": [3.0], "train.with_prior_preservation": [True]})), 2, [
+        "m.yaml: subjects[0].sweep: the variant id '" + "a" * 63 + "~te_lr=1e-4,priors.guidance_scale=1.5,"
+        "samples.guidance_scale=3,prior=true' is 136 characters long, at most 128; shorten the subject's id or sweep "
+        "fewer settings"]),
+    ManifestCase("id-looks-like-a-variant", doc(subject(id="rex~lr=1e-4")), 2, [
+        "m.yaml: subjects[0].id: 'rex~lr=1e-4' contains characters other than a-z, 0-9, '.', '_', '-'; use 'rex-lr-1e-4'"]),
     ManifestCase("images-empty-folder", doc(subject(images="empty/")), 2, [
         "m.yaml: subjects[0].images: no image files at {dir}/empty/: the folder is empty or missing, or the pattern "
         "matches nothing; put photos (.bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp) there or fix the subject's "
@@ -612,6 +665,8 @@ def batch(tmp_path_factory) -> Batch:
     manifest = {
         "version": 1, "base_model": "builtin:tiny-sd", "output": "out",
         "storage_options": {"file": {"password": OPTION_SECRETS[0], "client_kwargs": {"client_secret": OPTION_SECRETS[1]}}},
+        # tracked for real (W&B offline, MLflow's local store): their files are searched for the planted secrets too
+        "tracking": {"wandb": {"project": "hostile", "mode": "offline", "dir": "wandb"}, "mlflow": {"experiment": "hostile"}},
         "defaults": {"resolution": 32,
                      "train": {"max_steps": 2, "checkpoint_every": 100, "learning_rate": 1e-4, "with_prior_preservation": False},
                      "priors": {"num_images": 0},
@@ -768,7 +823,7 @@ def test_generated_names_come_only_from_validated_ids(batch: Batch):
     from dbbatch.manifest import id_problem
 
     top = {p.name for p in (batch.dir / "out").iterdir()}
-    kept = {"_runs", "_priors", "_leases", "_report"}
+    kept = {"_runs", "_priors", "_leases", "_report", "_mlflow"}  # _mlflow: tracking.mlflow's local store
     assert top <= {c.name for c in RUN_CASES} | kept  # _priors: validate's write probe
     assert all(id_problem(name) is None for name in top - kept)
     report = {p.name for p in (batch.dir / "out" / "_report").iterdir() if p.is_dir()}
