@@ -20,6 +20,7 @@ from dbbatch.manifest_errors import closest, load_yaml, problems_from, short
 from dbbatch.sweeps import MAX_VARIANT_ID, MAX_VARIANTS
 
 SUBJECT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_EXPONENT_NUMBER = re.compile(r"^[-+]?\d+(\.\d*)?[eE][-+]?\d+$")
 PROMPT_FIELDS = {"token", "class_noun"}
 ID_RULE = "use 1-64 lower-case ASCII letters, digits, '.', '_' or '-', starting with a letter or digit"
 
@@ -299,6 +300,9 @@ class SubjectEntry(SubjectSettings):
         from dbbatch.sweeps import count, sweep_problem
 
         known = setting_paths()
+        # YAML 1.1 (PyYAML) reads 5e-5 (no dot) as a string: a swept number written so is a number
+        v = {path: [float(x) if isinstance(x, str) and _EXPONENT_NUMBER.match(x) else x for x in values]
+             if isinstance(values, list) else values for path, values in v.items()}
         for path, values in v.items():
             problem = sweep_problem(path, known)
             if problem:
@@ -529,7 +533,7 @@ def parse_manifest(text: str, source: str = "manifest") -> Manifest:
         manifest, swept = _expand_sweeps(manifest, data["subjects"])
         problems += swept
     if manifest is not None and not problems:  # merging formats the prompts: only once they are known good
-        problems += _merged_checks(manifest)
+        problems += once_per_sweep(_merged_checks(manifest))
     if problems or manifest is None:
         raise ManifestError(sorted(problems, key=_subject_order), source)
     return manifest
@@ -569,6 +573,18 @@ def _raw_checks(data: dict[str, Any]) -> list[str]:
         if isinstance(token, str) and isinstance(noun, str) and token.strip() and token.casefold() == noun.strip().casefold():
             problems.append(f"subjects[{i}].token: the token {token!r} is the class noun itself; pick a rare word such as 'sks'")
     return problems
+
+
+def once_per_sweep(problems: list[str]) -> list[str]:
+    """A problem every variant of a sweep has (a setting the sweep does not change) is said once, for the first."""
+    first: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for k, p in enumerate(problems):
+        key = re.sub(r"^(subjects\[\d+\])\([^()]*\)", r"\1", p)
+        first.setdefault(key, k)
+        counts[key] = counts.get(key, 0) + 1
+    return [problems[k] + (f" (and {counts[key] - 1} more variant(s) of this sweep)" if counts[key] > 1 else "")
+            for key, k in first.items()]
 
 
 def where_of(m: Manifest, i: int) -> str:

@@ -37,7 +37,7 @@ _PLAIN = re.compile(r"^[a-z0-9._-]{1,24}$")
 
 
 def format_value(v: Any) -> str:
-    """A swept value as the variant id shows it: 1e-4, 5e-5, 0.5, 16, true, null, cosine."""
+    """A swept value as the variant id shows it: 1e-4, 3e-3, 0.05, 16, true, null, cosine."""
     if isinstance(v, bool) or v is None:
         return {True: "true", False: "false", None: "null"}[v]
     if isinstance(v, int):
@@ -45,7 +45,7 @@ def format_value(v: Any) -> str:
     if isinstance(v, float):
         if v == 0 or not math.isfinite(v):
             return str(v).lower()
-        if abs(v) < 1e-3 or abs(v) >= 1e5:
+        if abs(v) < 1e-2 or abs(v) >= 1e5:  # learning rates read as written: 3e-3, 5e-5
             mantissa, exponent = f"{v:.6e}".split("e")
             mantissa = mantissa.rstrip("0").rstrip(".")
             return f"{mantissa}e{int(exponent)}"

@@ -369,6 +369,9 @@ MANIFEST_CASES = [
     ManifestCase("sweep-variant-conflict", doc(subject(train={"lora": {"rank": 4}}, sweep={"train.method": ["full", "lora"]})), 2, [
         "m.yaml: subjects[0](rex~method=full).train.lora: set, but train.method is full (LoRA settings apply to method "
         "lora); set train.method: lora or remove train.lora"]),
+    ManifestCase("sweep-problem-of-every-variant-said-once", doc(subject(sweep={"train.learning_rate": [1e-4, 5e-5], "train.lora.rank": [4, 16]})), 2, [
+        "m.yaml: subjects[0](rex~lr=1e-4,rank=4).train.lora: set, but train.method is full (LoRA settings apply to "
+        "method lora); set train.method: lora or remove train.lora (and 3 more variant(s) of this sweep)"]),
     ManifestCase("sweep-in-defaults", doc(defaults={"sweep": {"train.seed": [1, 2]}}), 2, [
         "m.yaml: defaults.sweep: unknown key; allowed here: resolution, instance_prompt, class_prompt, train, priors, "
         "samples, evaluation"]),

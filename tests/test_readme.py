@@ -40,3 +40,18 @@ def test_the_readme_manifest_example_is_a_valid_manifest():
     subjects = resolve_subjects(parse_manifest(block, "README.md"), None)
     assert [(s.id, s.train.method, s.model_format, s.train.learning_rate) for s in subjects] == [
         ("rex", "full", "full", 5e-6), ("tom", "lora", "lora", 1e-4)]
+
+
+def test_the_readme_tracking_and_sweep_examples_are_valid():
+    import re
+
+    from dbbatch.manifest import parse_manifest, resolve_subjects
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    tracking = next(b for b in blocks if b.startswith("tracking:"))
+    m = parse_manifest(tracking + "output: out\nsubjects: [{id: rex, token: sks, class_noun: dog, images: p/}]\n", "README.md")
+    assert (m.tracking.wandb.project, m.tracking.mlflow.experiment, m.tracking.backends()) == ("avatars", "avatars", ["wandb", "mlflow"])
+    sweep = next(b for b in blocks if "sweep:" in b and b.startswith("subjects:"))
+    ids = [s.id for s in resolve_subjects(parse_manifest("output: out\n" + sweep, "README.md"), None)]
+    assert ids == ["rex~lr=1e-4,rank=4", "rex~lr=1e-4,rank=16", "rex~lr=5e-5,rank=4", "rex~lr=5e-5,rank=16"]
+    assert all(i in (REPO / "README.md").read_text() for i in ids)  # the ids the README names are the real ones
