@@ -2,6 +2,7 @@
 """Throughput benchmark: where a subject's seconds go, and what a batch of subjects costs.
 
     python bench/run.py [--arch tiny|small|sd15] [--quick] [--json FILE] [--keep DIR]
+    python bench/run.py --sweep [--steps N]    # a sweep of four variants against four subjects (bench/sweep.py)
 
 Runs the real worker (`dbbatch.worker.Batch`, one `run_one` per subject, as `dbbatch run` does) on
 generated subjects of one class, each batch in a fresh subprocess so its peak RSS is its own, and prints:
@@ -401,6 +402,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "each run stores one checkpoint mid-run and defaults to batches of 1 and 4")
     ap.add_argument("--packing", help="comma-separated subjects per step (e.g. 1,2,4,8): 8 LoRA subjects per architecture "
                     "trained packed at each K (bench/packing.py), instead of the tables above")
+    ap.add_argument("--sweep", action="store_true", help="what a sweep of four variants costs against four subjects, "
+                    "and what tracking adds (bench/sweep.py), instead of the tables above")
     ap.add_argument("--json", type=Path, help="also write every number here")
     ap.add_argument("--keep", type=Path, help="keep the benchmark's files here (default: a temporary folder, removed)")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -427,6 +430,19 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def say(msg: str) -> None:
         print(f"{time.monotonic() - started:7.1f}s {msg}", flush=True)
+
+    if args.sweep:
+        from bench import sweep
+
+        try:
+            rows = sweep.bench_sweep(root, args.steps or (20 if args.quick else 150), say)
+        finally:
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
+        sweep.print_table(rows)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+        return 0
 
     if args.packing:
         from bench import packing

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import yaml
 
 from dbbatch.errors import InputError
-from dbbatch.manifest import Manifest, parse_manifest
+from dbbatch.manifest import Manifest, parse_manifest, source_of
 
 EXIT_INVALID, EXIT_PREEMPTED = 2, 143  # the contract in dbbatch/cli.py; the podFailurePolicy depends on it
 
@@ -135,13 +135,20 @@ def pod_warnings(manifest: Manifest, output_override: Optional[str]) -> list[str
         local("base_model", manifest.base_model, False)
     for i, s in enumerate(manifest.subjects):
         for image in [s.images] if isinstance(s.images, str) else s.images:
-            local(f"subjects[{i}].images", image, False)
+            local(f"{source_of(manifest, i)}.images", image, False)
+    tracking = manifest.tracking
+    if tracking.wandb is not None and tracking.wandb.mode == "offline":
+        warnings.append("tracking.wandb.mode: offline writes W&B's run files to the pod's disk, lost when it ends; use "
+                        "online (WANDB_API_KEY from --secret) or point tracking.wandb.dir at a mounted volume")
+    if tracking.mlflow is not None and not tracking.mlflow.tracking_uri:
+        warnings.append("tracking.mlflow.tracking_uri: null keeps the runs in a SQLite file on the pod's disk (or beside "
+                        "a local output), lost when it ends; give an MLflow server (its credentials from --secret)")
     for protocol, options in manifest.storage_options.items():
         for key in options:
             if any(w in key.lower() for w in _SECRET_WORDS):
                 warnings.append(f"storage_options.{protocol}.{key}: a credential in the manifest ends up in a ConfigMap; "
                                 "remove it and use --secret or --service-account")
-    return warnings
+    return list(dict.fromkeys(warnings))  # a sweep's variants share their subject's photos: one line
 
 
 def render(manifest_text: str, options: JobOptions, source: str = "manifest") -> list[dict[str, Any]]:

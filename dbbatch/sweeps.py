@@ -34,6 +34,7 @@ MAX_VARIANTS = 64
 MAX_VARIANT_ID = 128
 SEPARATOR = "~"
 _PLAIN = re.compile(r"^[a-z0-9._-]{1,24}$")
+VARIANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}~[a-z0-9._=,-]+$")  # what `variant_id` makes, nothing else
 
 
 def format_value(v: Any) -> str:
@@ -78,6 +79,11 @@ def variant_id(subject_id: str, names: list[str], labels: list[str]) -> str:
 
 def is_variant_id(v: str) -> bool:
     return SEPARATOR in v
+
+
+def valid_variant_id(v: str) -> bool:
+    """Whether `v` has the form of a variant id (a stored name read back: it becomes a path segment again)."""
+    return len(v) <= MAX_VARIANT_ID and VARIANT_ID_RE.match(v) is not None
 
 
 def count(sweep: dict[str, list[Any]]) -> int:

@@ -254,3 +254,14 @@ def test_cli_render_refuses_an_invalid_manifest(tmp_path: Path):
     bad.write_text(MANIFEST.replace("token: sks", "token: square"))  # the class noun itself
     proc = run_cli("k8s", "render", str(bad), "--image", "img:1", "--shards", "1")
     assert proc.returncode == 2 and "subjects[0].token" in proc.stderr and proc.stdout == ""
+
+
+def test_pod_warnings_flag_tracking_that_a_pod_would_lose_and_name_a_sweep_once():
+    remote = MANIFEST.replace("demo-images/", "s3://b/imgs/").replace("../outputs/demo", "s3://b/out")
+    assert k8s.pod_warnings(parse_manifest(remote + "tracking: {mlflow: {experiment: e, tracking_uri: 'http://mlflow:5000'}, "
+                                           "wandb: {project: p}}\n"), None) == []
+    warned = k8s.pod_warnings(parse_manifest(remote + "tracking: {mlflow: {experiment: e}, wandb: {project: p, mode: offline}}\n"), None)
+    assert [w.split(":")[0] for w in warned] == ["tracking.wandb.mode", "tracking.mlflow.tracking_uri"]
+    swept = parse_manifest("output: s3://b/out\nsubjects: [{id: rex, token: sks, class_noun: dog, images: photos/, "
+                           "sweep: {train.seed: [1, 2, 3]}}]\n")
+    assert [w.split(":")[0] for w in k8s.pod_warnings(swept, None)] == ["subjects[0].images"]

@@ -19,7 +19,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from dbbatch.report import Entry, build, sweep_groups, sweep_png
+from dbbatch.report import Entry, build, sweep_groups
+from dbbatch.report_plots import sweep_png
 from dbbatch.storage import Storage
 
 METRICS = ("dino", "clip_i", "clip_t", "class_drift", "pres")
@@ -287,3 +288,19 @@ def test_a_browser_shows_the_images_of_variant_ids(tmp_path: Path):
     with_images, alone = coloured(out / "_report" / "index.html"), coloured(tmp_path / "alone" / "index.html")
     # measured 0.055 / 0.0008; card images whose paths do not resolve (quoted twice): 0.0025, the plot alone
     assert with_images > 3 * alone + 0.01, (with_images, alone)
+
+
+def test_run_records_name_only_subjects_that_can_be_folders(tmp_path: Path):
+    """A run record is anyone's to write: a failed 'subject' named like a path is not shown (nor written), a
+    failed variant is, in its sweep's table."""
+    out = _store(tmp_path / "out")
+    (out / "_runs").mkdir(exist_ok=True)
+    (out / "_runs" / "20991231T000000Z-evil.json").write_text(json.dumps({"run_id": "20991231T000000Z-evil", "subjects": [
+        {"id": "../../escaped", "status": "failed", "message": "x"},
+        {"id": "rex~lr=1e-2,rank=4", "status": "failed", "message": "diverged"}]}))
+    summary = build(Storage({}), str(out))
+    ids = {s["id"] for s in summary["subjects"]}
+    assert "rex~lr=1e-2,rank=4" in ids and "../../escaped" not in ids
+    assert not (tmp_path / "escaped").exists() and not (out / "escaped").exists()
+    (group,) = [g for g in summary["sweeps"] if g["subject"] == "rex"]
+    assert "rex~lr=1e-2,rank=4" in [v["id"] for v in group["variants"]]
