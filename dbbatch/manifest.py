@@ -379,6 +379,15 @@ class WandbTracking(_Strict):
                                "(null: $WANDB_DIR, else <work-dir>/wandb; offline runs stay there for `wandb sync`).")
 
 
+    @field_validator("project", "entity")
+    @classmethod
+    def _w_and_b_name(cls, v: Optional[str]) -> Optional[str]:
+        bad = next((c for c in "/\\#?%:" if v is not None and c in v), None)
+        if bad is not None:
+            raise ValueError(f"{v!r} contains {bad!r}; W&B names cannot contain / \\ # ? % or :")
+        return v
+
+
 class MlflowTracking(_Strict):
     """MLflow (pip install 'dbbatch[mlflow]'); credentials come from MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN."""
 

@@ -335,6 +335,8 @@ MANIFEST_CASES = [
         "m.yaml: tracking.wandb.project: required key is missing (W&B project: one run per subject in it.)"]),
     ManifestCase("tracking-wandb-mode-typo", doc(tracking={"wandb": {"project": "p", "mode": "ofline"}}), 2, [
         "m.yaml: tracking.wandb.mode: must be one of 'online', 'offline' or 'disabled', got 'ofline'; did you mean 'offline'?"]),
+    ManifestCase("tracking-wandb-project-with-entity", doc(tracking={"wandb": {"project": "team/avatars"}}), 2, [
+        "m.yaml: tracking.wandb.project: 'team/avatars' contains '/'; W&B names cannot contain / \\ # ? % or :"]),
     ManifestCase("tracking-mlflow-uri-with-password", doc(tracking={"mlflow": {"experiment": "e", "tracking_uri": "https://me:hunter2@mlflow.example.com"}}), 2, [
         "m.yaml: tracking.mlflow.tracking_uri: has a user name or password in it; credentials never go in the manifest: "
         "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment and "

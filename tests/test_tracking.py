@@ -204,3 +204,19 @@ def test_validate_names_the_missing_extra(tmp_path: Path):
     ok = run_cli("validate", str(m), "--no-check-remote")  # installed here: the same manifest is fine
     assert ok.returncode == 0, ok.stderr
     assert yaml.safe_load(m.read_text())["tracking"]["wandb"]["project"] == "avatars"
+
+
+def test_ddp_subject_logs_its_loss_curve_when_training_ends(tmp_path: Path):
+    """train.devices 2 (two CPU ranks): the ranks do not log to tracking services; the loss curve goes to MLflow
+    when training ends, one point per step, with TensorBoard off (no logger in the Trainer at all)."""
+    m = _manifest(tmp_path, [{"id": "rex", "token": "sks", "class_noun": "dog", "images": str(draw_subject(tmp_path / "p", n=2)),
+                              "train": {"devices": 2, "max_steps": 4, "checkpoint_every": 2}}],
+                  {"tensorboard": False, "mlflow": {"experiment": "avatars"}})
+    proc = run_cli("run", str(m), env=_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    client = _client(f"sqlite:///{out / '_mlflow' / 'mlflow.db'}")
+    run = client.get_run(_ids(out, "rex")["mlflow"]["run_id"])
+    loss = mlflow_series(client, run.info.run_id, "loss")
+    assert sorted(loss) == [1, 2, 3, 4] and list(loss.values()) == pytest.approx(_metrics(out, "rex")["loss_curve"], rel=1e-5)
+    assert run.info.status == "FINISHED" and not (out / "rex" / "logs").exists()
