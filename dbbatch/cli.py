@@ -158,8 +158,7 @@ def validate(
 
         for subject in resolve_subjects(m, base_dir):
             for path, origin in subject.settings_from.items():
-                section, _, key = path.rpartition(".")
-                value = getattr(getattr(subject, section), key) if section else getattr(subject, key)
+                value = functools.reduce(getattr, path.split("."), subject)  # train.lora.rank: nested
                 typer.echo(f"{subject.id}\t{path} = {value}\t(from {origin})")
     swept: dict[str, list[str]] = {}
     for s in m.subjects:

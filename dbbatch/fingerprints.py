@@ -21,12 +21,12 @@ NEUTRAL_TRAIN = ("checkpoint_every", "checkpoints_keep", "devices", "gradient_ch
 ADDED_LATER = {"train.method": "full", "priors.source": "images"}
 
 
-def _flat(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+def flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
     """{"train.lora": {"rank": 4}} -> {"train.lora.rank": 4}: a change names the one setting that differs."""
     out: dict[str, Any] = {}
     for k, v in values.items():
         if isinstance(v, dict):
-            out.update(_flat(f"{prefix}{k}.", v))
+            out.update(flatten(f"{prefix}{k}.", v))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -56,7 +56,7 @@ def subject_fingerprint(subject: Any, resolution: int, model_identity: str, inst
         if priors["source"] == "base_model":  # no class images: their settings do not matter
             priors = {"source": priors["source"]}
         fp.update({f"priors.{k}": v for k, v in priors.items() if k != "batch_size"})
-    fp.update(_flat("train.", {k: v for k, v in train.items() if k not in skip}))
+    fp.update(flatten("train.", {k: v for k, v in train.items() if k not in skip}))
     return {k: v for k, v in fp.items() if ADDED_LATER.get(k, object()) != v}
 
 

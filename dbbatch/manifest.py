@@ -20,6 +20,7 @@ from dbbatch.manifest_errors import closest, load_yaml, problems_from, short
 from dbbatch.sweeps import MAX_VARIANT_ID, MAX_VARIANTS
 
 SUBJECT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+VARIANT_IN_TEXT = re.compile(r"[a-z0-9][a-z0-9._-]*~[a-z0-9._=,-]+")  # a variant id inside an error line
 _EXPONENT_NUMBER = re.compile(r"^[-+]?\d+(\.\d*)?[eE][-+]?\d+$")
 PROMPT_FIELDS = {"token", "class_noun"}
 ID_RULE = "use 1-64 lower-case ASCII letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -393,7 +394,7 @@ class MlflowTracking(_Strict):
 
     tracking_uri: Optional[str] = Field(
         None, description="An MLflow tracking server (http(s)://host:port) or store URI (sqlite:///path/mlflow.db). "
-        "null: a local SQLite store beside the output (<output>/_mlflow/mlflow.db for a local output, else "
+        "null: $MLFLOW_TRACKING_URI if set, else a local SQLite store beside the output (<output>/_mlflow/mlflow.db for a local output, else "
         "<work-dir>/mlflow/mlflow.db). No credentials in it.")
     experiment: str = Field(min_length=1, max_length=256, description="MLflow experiment: one run per subject in it.")
 
@@ -405,7 +406,7 @@ class MlflowTracking(_Strict):
         from urllib.parse import urlsplit
 
         parts = urlsplit(v)
-        if parts.scheme in ("http", "https") and (parts.username or parts.password):
+        if parts.username or parts.password:
             raise ValueError("has a user name or password in it; credentials never go in the manifest: set "
                              "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
                              "environment and give the URI without them")
@@ -589,7 +590,7 @@ def once_per_sweep(problems: list[str]) -> list[str]:
     first: dict[str, int] = {}
     counts: dict[str, int] = {}
     for k, p in enumerate(problems):
-        key = re.sub(r"^(subjects\[\d+\])\([^()]*\)", r"\1", p)
+        key = VARIANT_IN_TEXT.sub("<variant>", p)
         first.setdefault(key, k)
         counts[key] = counts.get(key, 0) + 1
     return [problems[k] + (f" (and {counts[key] - 1} more variant(s) of this sweep)" if counts[key] > 1 else "")
@@ -599,7 +600,7 @@ def once_per_sweep(problems: list[str]) -> list[str]:
 def where_of(m: Manifest, i: int) -> str:
     """How error lines name subject i: `subjects[k]`, or `subjects[k](<variant id>)` for a sweep's variant."""
     s = m.subjects[i]
-    return f"subjects[{i}]" if s._source is None else f"subjects[{s._source}]({s.id})"
+    return source_of(m, i) + (f"({s.id})" if s._sweep_of is not None else "")
 
 
 def source_of(m: Manifest, i: int) -> str:
@@ -633,6 +634,7 @@ def _expand_sweeps(m: Manifest, raw_subjects: list[Any]) -> tuple[Manifest, list
     problems: list[str] = []
     for i, (s, raw) in enumerate(zip(m.subjects, raw_subjects)):
         if not s.sweep:
+            s._source = i  # its place in the file, which the variants before it moved in the list
             out.append(s)
             continue
         for vid, values, variant in expand(raw, s.sweep):
@@ -828,9 +830,9 @@ def settings_sources(m: Manifest, i: int) -> dict[str, str]:
     out = {}
     for path in sorted(set(TRACKED_SETTINGS) | set(m._carried) | set(s._swept)):
         if path in s._swept:
-            out[path] = f"subjects[{s._source}].sweep"
+            out[path] = f"{source_of(m, i)}.sweep"
         elif path in own:
-            out[path] = f"subjects[{i if s._source is None else s._source}]"
+            out[path] = source_of(m, i)
         elif path in m._carried:
             out[path] = m._carried[path]
         elif path in given:

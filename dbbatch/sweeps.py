@@ -9,15 +9,17 @@ subject. A variant id is `<id>~<name>=<value>,<name>=<value>` in the order the s
 
 `<name>` is the setting's last path segment (a few long ones shortened: SHORT_NAMES), or the whole dotted path
 when two swept settings share that segment. A value is written as YAML would read it back (1e-4, 16, true,
-cosine); a string value that is not already `[a-z0-9._-]` (a prompt) is written as its 1-based position in the
-list (`instance_prompt=2`). A variant id is a valid folder name on POSIX, Windows and object stores, and a user
+cosine); a string value that is not already `[a-z0-9._-]` (a prompt), or values that would read alike, are
+written as a digest of the value (`instance_prompt=h3fa2c1`), so a variant keeps its id when values are added. A variant id is a valid folder name on POSIX, Windows and object stores, and a user
 id can never equal one: `~` is refused in ids.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
+import json
 import math
 import re
 from typing import Any, Iterable, Optional
@@ -65,12 +67,12 @@ def short_names(paths: Iterable[str]) -> dict[str, str]:
 
 
 def value_labels(values: list[Any]) -> list[str]:
-    """How each value of one swept setting shows in ids: formatted, or 1-based positions when a value is not a
-    plain name or two values would look the same (1e-4 and 0.0001)."""
+    """How each value of one swept setting shows in ids: formatted, or, for a value that is not a plain name (a
+    prompt) or would read like another (1e-4 and 1.00000001e-4), `h` and 6 hex digits of the value's digest: a
+    label of the value alone, so adding or reordering prompts never renames a variant."""
     labels = [format_value(v) for v in values]
-    if all(_PLAIN.match(x) for x in labels) and len(set(labels)) == len(labels):
-        return labels
-    return [str(i + 1) for i in range(len(values))]
+    return [x if _PLAIN.match(x) and labels.count(x) == 1 else "h" + hashlib.sha256(json.dumps(v).encode()).hexdigest()[:6]
+            for x, v in zip(labels, values)]
 
 
 def variant_id(subject_id: str, names: list[str], labels: list[str]) -> str:

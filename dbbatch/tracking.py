@@ -27,6 +27,9 @@ from typing import Any, Callable, Optional
 from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
+from dbbatch.errors import StorageError
+from dbbatch.fingerprints import flatten
+
 log = logging.getLogger(__name__)
 
 TRACKING_FILE = "_tracking.json"
@@ -38,29 +41,24 @@ def mlflow_uri(cfg: Any, output: str, work_dir: Path) -> str:
     """tracking.mlflow.tracking_uri, or the local SQLite store beside the output (in the work dir for a remote one)."""
     if cfg.tracking_uri:
         return cfg.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):  # MLflow's own convention, e.g. set by the platform for every job
+        return os.environ["MLFLOW_TRACKING_URI"]
     folder = Path(output) / "_mlflow" if "://" not in output else work_dir / "mlflow"
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder.resolve() / 'mlflow.db'}"
 
 
 def hyperparameters(subject: Any, context: "Context") -> dict[str, Any]:
-    """The subject's resolved settings as a run's hyperparameters (photo locations redacted)."""
+    """The subject's resolved settings as a run's hyperparameters: every text with user:password@ removed (a photo
+    URL, an evaluation model's), as in config.yaml."""
     from dbbatch.storage import redact
 
+    def scrub(v: Any) -> Any:
+        return {k: scrub(x) for k, x in v.items()} if isinstance(v, dict) else [scrub(x) for x in v] \
+            if isinstance(v, list) else redact(v) if isinstance(v, str) else v
+
     settings = subject.model_dump(mode="json", exclude={"settings_from", "index"})
-    settings["images"] = [redact(u) for u in settings["images"]]
-    return {"subject": settings, "base_model": context.base_model, "output": context.output_shown}
-
-
-def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"subject": {"train": {"lr": 1}}} -> {"subject/train/lr": 1}; lists stay values (as MLflow params, text)."""
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    return scrub({"subject": settings, "base_model": context.base_model, "output": context.output_shown})
 
 
 @dataclass
@@ -148,7 +146,8 @@ class SubjectRuns:
     def __init__(self, tracking: Any, subject: Any, out: str, storage: Any, context: Context,
                  guard: Optional[Callable[[str], None]] = None):
         self.cfg, self.s, self.out, self.storage, self.ctx, self.guard = tracking, subject, out, storage, context, guard
-        self.loggers_by_service: dict[str, Guarded] = {}
+        self.loggers_by_service: dict[str, Guarded] = {}  # the services still working for this subject
+        self.started: dict[str, Logger] = {}  # every run this attempt opened: each is ended by `close`
         self.warned: set[str] = set()
 
     # -- opening -----------------------------------------------------------------------------------------------
@@ -158,7 +157,12 @@ class SubjectRuns:
         if not self.cfg.backends():
             return self
         ids_url = join(self.out, TRACKING_FILE)
-        stored = self.storage.read_json(ids_url) or {}
+        try:
+            stored = self.storage.read_json(ids_url) or {}
+        except StorageError as e:  # unreadable: the runs start anew rather than the subject failing
+            log.warning("%s: cannot read %s (%s); starting new tracking runs", self.s.id, TRACKING_FILE, e)
+            stored = {}
+        stored = stored if isinstance(stored, dict) else {}
         ids = {k: v for k, v in stored.items() if isinstance(v, dict)}
         for service in self.cfg.backends():
             try:
@@ -167,11 +171,15 @@ class SubjectRuns:
                 self.failure(service, "starting its run", e)
                 continue
             self.loggers_by_service[service] = Guarded(service, inner, lambda what, e, s=service: self.failure(s, what, e))
+            self.started[service] = inner
             ids[service] = run_id
         if ids != stored and self.loggers_by_service:
             if self.guard is not None:
-                self.guard(f"writing {TRACKING_FILE}")
-            self.storage.write_json(ids_url, ids)
+                self.guard(f"writing {TRACKING_FILE}")  # LeaseLost goes on: the subject is another worker's now
+            try:
+                self.storage.write_json(ids_url, ids)
+            except StorageError as e:
+                log.warning("%s: cannot store the tracking run ids (%s); a resumed attempt starts new runs", self.s.id, e)
         params = hyperparameters(self.s, self.ctx)
         for service, logger in list(self.loggers_by_service.items()):
             logger.call("logging the settings", lambda s=service, lg=logger: self._log_settings(s, lg.inner, params))
@@ -181,7 +189,7 @@ class SubjectRuns:
         """The settings as hyperparameters. A continued MLflow run keeps its first values (MLflow refuses to change
         a param): a setting changed since (a resume allows max_steps, checkpoint_every...) is said in the log."""
         if service == "mlflow":
-            params = flatten(params)
+            params = flatten("", params)
             logged = logger.experiment.get_run(logger.run_id).data.params
             changed = sorted(k for k, v in params.items() if k in logged and logged[k] != str(v))
             if changed:
@@ -220,16 +228,28 @@ class SubjectRuns:
             os.environ.setdefault(key, value)
         cfg = self.cfg.mlflow
         uri = mlflow_uri(cfg, self.ctx.output, self.ctx.work_dir)
-        local = uri.startswith("sqlite:///") and not cfg.tracking_uri
+        local = uri.startswith("sqlite:///") and not cfg.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI")
         artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri() if local else None
         tags = {"dbbatch.batch_run_id": self.ctx.batch_run_id, "dbbatch.subject": self.s.id,
                 **({"dbbatch.sweep_of": self.s.sweep_of} if self.s.sweep_of else {})}
         run_id = stored.get("run_id") if isinstance(stored.get("run_id"), str) else None
-        logger = MLFlowLogger(experiment_name=cfg.experiment, run_name=self.s.id, tracking_uri=uri, tags=tags,
-                              run_id=run_id, artifact_location=artifacts)
+        make = lambda run: MLFlowLogger(experiment_name=cfg.experiment, run_name=self.s.id, tracking_uri=uri,  # noqa: E731
+                                        tags=tags, run_id=run, artifact_location=artifacts)
+        logger = make(run_id)
         if run_id is not None:
-            logger.experiment.set_tag(run_id, "dbbatch.resumed_by", self.ctx.batch_run_id)
-            logger.experiment.update_run(run_id, status="RUNNING")
+            from mlflow.exceptions import MlflowException
+
+            from dbbatch.storage import redact
+
+            try:
+                logger.experiment.set_tag(run_id, "dbbatch.resumed_by", self.ctx.batch_run_id)
+                logger.experiment.update_run(run_id, status="RUNNING")
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                # another store (a new pod's local one, another tracking_uri): the run goes on as a new one there
+                log.info("%s: MLflow run %s is not in %s; starting a new run", self.s.id, run_id, redact(uri))
+                logger = make(None)
         return logger, {"run_id": logger.run_id, "experiment_id": logger.experiment_id}
 
     def failure(self, service: str, what: str, e: BaseException) -> None:
@@ -268,35 +288,42 @@ class SubjectRuns:
 
         if not evaluation:
             return
-        points = ([{**evaluation["baseline"], "step": 0}] if evaluation.get("baseline") else []) + list(evaluation.get("points") or [])
-        for p in points:
+        baseline = [{**evaluation["baseline"], "step": 0}] if isinstance(evaluation.get("baseline"), dict) else []
+        for p in baseline + list(evaluation.get("points") or []):
             values = {f"eval/{m}": float(p[m]) for m in METRICS if isinstance(p.get(m), (int, float))}
-            if values:
-                self.each("logging the evaluation", lambda lg, v=values, step=int(p["step"]): lg.log_metrics(v, step))
+            if values and isinstance(p.get("step"), int):
+                self.each("logging the evaluation", lambda lg, v=values, step=p["step"]: lg.log_metrics(v, step))
 
     def close(self, status: str, grid_png: Optional[bytes] = None, summary: Optional[dict[str, Any]] = None) -> None:
-        """The sample grid, the output URL and `summary` (published step, flags), then the run ends (`status`:
-        success, failed or killed). A preempted subject's run is left running: the next attempt continues it."""
+        """The sample grid, the output URL and `summary` (published step, flags), then every run this attempt
+        started ends (`status`: success or failed), also one whose service failed on the way (best effort), so
+        none is left running. A preempted subject's runs are not closed: the next attempt continues them."""
         from dbbatch.storage import redact
 
         summary = {"output": redact(self.out), **(summary or {})}
-        for service, g in list(self.loggers_by_service.items()):
-            if g.failed:
-                continue
-            g.call("logging the outputs", lambda s=service, inner=g.inner: getattr(self, f"_close_{s}")(inner, status, grid_png, summary))
+        for service, inner in self.started.items():
+            g = self.loggers_by_service.get(service)
+            if g is not None and not g.failed:
+                g.call("logging the outputs", lambda s=service: getattr(self, f"_outputs_{s}")(inner, grid_png, summary))
+            try:
+                getattr(self, f"_end_{service}")(inner, status)
+            except Exception as e:  # noqa: BLE001 - said once, like every other failure of a service
+                self.failure(service, "ending its run", e)
         self.loggers_by_service.clear()
+        self.started.clear()
 
-    def _close_wandb(self, logger: Any, status: str, grid_png: Optional[bytes], summary: dict[str, Any]) -> None:
-        run = logger.experiment
+    def _outputs_wandb(self, logger: Any, grid_png: Optional[bytes], summary: dict[str, Any]) -> None:
         if grid_png is not None:
             from PIL import Image
 
             logger.log_image("samples/grid", [Image.open(io.BytesIO(grid_png))])
         for key, value in summary.items():
-            run.summary[key] = value
-        run.finish(exit_code=0 if status == "success" else 1)
+            logger.experiment.summary[key] = value
 
-    def _close_mlflow(self, logger: Any, status: str, grid_png: Optional[bytes], summary: dict[str, Any]) -> None:
+    def _end_wandb(self, logger: Any, status: str) -> None:
+        logger.experiment.finish(exit_code=0 if status == "success" else 1)
+
+    def _outputs_mlflow(self, logger: Any, grid_png: Optional[bytes], summary: dict[str, Any]) -> None:
         client, run_id = logger.experiment, logger.run_id
         if grid_png is not None:
             from PIL import Image
@@ -304,7 +331,9 @@ class SubjectRuns:
             client.log_image(run_id, Image.open(io.BytesIO(grid_png)), "samples/grid.png")
         for key, value in summary.items():
             client.set_tag(run_id, f"dbbatch.{key}", str(value)[:5000])
-        client.set_terminated(run_id, {"success": "FINISHED", "failed": "FAILED"}.get(status, "KILLED"))
+
+    def _end_mlflow(self, logger: Any, status: str) -> None:
+        logger.experiment.set_terminated(logger.run_id, "FINISHED" if status == "success" else "FAILED")
 
 
 def _one_line(e: BaseException) -> str:

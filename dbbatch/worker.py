@@ -27,7 +27,7 @@ from typing import Any, Optional
 import yaml
 
 from dbbatch import __version__, faults, signals
-from dbbatch.errors import DbbatchError, ImageError, InputError, Preempted, StorageError
+from dbbatch.errors import DbbatchError, ImageError, InputError, LeaseLost, Preempted, StorageError
 from dbbatch.leases import Lease, LeaseGroup, Leases, describe, failed_since, holder_is_dead, holder_of, is_live, worker_identity
 from dbbatch.manifest import Manifest, Subject
 from dbbatch.storage import Storage, join, redact
@@ -132,11 +132,12 @@ class Batch:
             self.tracked[subject.id] = SubjectRuns(self.manifest.tracking, subject, out, self.storage, ctx, guard).open()
         return self.tracked[subject.id]
 
-    def end_tracking(self, subject: Subject, e: BaseException) -> None:
-        """A failed subject's runs end as failed; a preempted one's stay open for the attempt that resumes it."""
+    def end_tracking(self, subject: Subject, e: BaseException, message: str) -> None:
+        """A failed subject's runs end as failed; a preempted one's stay open for the attempt that resumes it, as
+        do those of a subject whose lease was lost (the worker that took it over continues them)."""
         runs = self.tracked.pop(subject.id, None)
-        if runs is not None and not isinstance(e, Preempted):
-            runs.close("failed", summary={"error": str(e).splitlines()[0] if str(e) else type(e).__name__})
+        if runs is not None and not isinstance(e, (Preempted, LeaseLost)):
+            runs.close("failed", summary={"error": message})
 
     def state_of(self, subject: Subject) -> str:
         out = join(self.opts.output, subject.id)
@@ -330,13 +331,13 @@ class Batch:
     def failure(self, subject: Subject, e: BaseException, seconds: float) -> SubjectResult:
         """The result of a subject that stopped with `e` (preempted, or failed with a one-line message)."""
         out = join(self.opts.output, subject.id)
-        self.end_tracking(subject, e)
-        if isinstance(e, Preempted):
-            log.warning("%s: %s", subject.id, e)
-            return SubjectResult(subject.id, "preempted", out, seconds=seconds, error_class="Preempted", message=str(e))
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not isinstance(e, DbbatchError):
             message = f"{type(e).__name__}: {message}{_advice(e)}"
+        self.end_tracking(subject, e, message)
+        if isinstance(e, Preempted):
+            log.warning("%s: %s", subject.id, e)
+            return SubjectResult(subject.id, "preempted", out, seconds=seconds, error_class="Preempted", message=str(e))
         log.error("%s: failed: %s", subject.id, message)
         drop_scratch_copies(SubjectRun.scratch(self, subject))
         if self.opts.debug or not isinstance(e, DbbatchError):
@@ -503,7 +504,10 @@ class SubjectRun:
         t = time.monotonic()
         metrics = self.publish_rest(train_metrics)
         self._timed("publish", t)
-        self.end_tracking(metrics)
+        try:  # the subject is published (_SUCCESS): nothing about its tracking may fail it now
+            self.end_tracking(metrics)
+        except Exception as e:  # noqa: BLE001
+            log.warning("%s: could not finish its tracking runs: %s", self.s.id, e)
         return metrics
 
     def end_tracking(self, metrics: dict[str, Any]) -> None:

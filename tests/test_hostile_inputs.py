@@ -341,6 +341,10 @@ MANIFEST_CASES = [
         "m.yaml: tracking.mlflow.tracking_uri: has a user name or password in it; credentials never go in the manifest: "
         "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment and "
         "give the URI without them"]),
+    ManifestCase("tracking-mlflow-database-uri-with-password", doc(tracking={"mlflow": {"experiment": "e", "tracking_uri": "postgresql://ml:hunter2@db:5432/mlflow"}}), 2, [
+        "m.yaml: tracking.mlflow.tracking_uri: has a user name or password in it; credentials never go in the manifest: "
+        "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment and "
+        "give the URI without them"]),
     ManifestCase("tracking-mlflow-uri-no-scheme", doc(tracking={"mlflow": {"experiment": "e", "tracking_uri": "mlflow.example.com:5000"}}), 2, [
         "m.yaml: tracking.mlflow.tracking_uri: 'mlflow.example.com:5000' is not an MLflow tracking URI; use "
         "http(s)://host:port for a server or sqlite:///path/mlflow.db for a local store"]),

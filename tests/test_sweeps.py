@@ -40,9 +40,14 @@ def test_values_read_as_written(value, shown):
 
 
 def test_values_that_cannot_be_told_apart_in_an_id_are_numbered():
-    assert value_labels([1e-4, 1.00000001e-4]) == ["1", "2"]  # both would read 1e-4
-    assert value_labels(["a photo of {token}", "the {token}"]) == ["1", "2"]  # prompts: positions
+    alike = value_labels([1e-4, 1.00000001e-4])  # both would read 1e-4: digests of the values
+    assert len(set(alike)) == 2 and all(x.startswith("h") and len(x) == 7 for x in alike)
+    prompts = value_labels(["a photo of {token}", "the {token}"])
+    assert len(set(prompts)) == 2 and all(x.startswith("h") for x in prompts)
+    # a value's label does not depend on the others: adding or reordering values renames no variant
+    assert value_labels(["the {token}", "a {token} dog", "a photo of {token}"])[::2] == prompts[::-1]
     assert value_labels(["constant", "cosine"]) == ["constant", "cosine"]
+    assert value_labels(["constant", "a {token} dog"])[0] == "constant"  # only the prompt gets a digest
     assert short_names(["train.learning_rate", "train.lora.alpha", "train.lora.rank"]) == \
         {"train.learning_rate": "lr", "train.lora.alpha": "alpha", "train.lora.rank": "rank"}
     assert short_names(["priors.guidance_scale", "samples.guidance_scale"]) == \
@@ -74,8 +79,9 @@ def test_validate_and_dry_run_list_the_variants_and_variants_of_one_shape_pack(t
         {"id": "rex", "token": "sks", "class_noun": "dog", "images": str(photos), "train": {"method": "lora"},
          "sweep": {"train.seed": [1, 2], "train.lora.rank": [4, 8]}},
         {"id": "kit", "token": "zwx", "class_noun": "cat", "images": str(photos)}], packing={"subjects_per_step": 4})
-    ok = run_cli("validate", str(m), "--no-check-remote")
+    ok = run_cli("validate", str(m), "--no-check-remote", "--show-settings")
     assert ok.returncode == 0, ok.stderr
+    assert "rex~seed=2,rank=8\ttrain.lora.rank = 8\t(from subjects[0].sweep)" in ok.stdout  # a nested swept setting
     assert "rex: sweep of 4 variant(s): rex~seed=1,rank=4, rex~seed=1,rank=8, rex~seed=2,rank=4, rex~seed=2,rank=8" in ok.stdout
     dry = run_cli("run", str(m), "--dry-run", "--only", "rex", env=cli_env(DBBATCH_WORK_DIR=str(tmp_path / "w")))
     assert dry.returncode == 0, dry.stderr
@@ -126,3 +132,25 @@ def test_a_2x2_sweep_on_the_toy_world_names_its_best_variant(tmp_path: Path):
     page = (out / "_report" / "index.html").read_text()
     marked = re.findall(r'<tr class="variant [a-z]+ best" data-id="([^"]+)"', page)
     assert marked == [group["best"]] and page.count('best-mark">') == 1
+
+
+def test_problems_name_the_entry_of_the_file_and_a_shared_problem_once():
+    from dbbatch.errors import ManifestError
+
+    text = """
+output: out
+subjects:
+  - {id: rex, token: sks, class_noun: dog, images: p/, sweep: {train.seed: [1, 2]}}
+  - {id: kit, token: zwx, class_noun: cat, images: p/, train: {max_steps: 5, lr_warmup_steps: 9}}
+  - {id: tom, token: ohwx, class_noun: cat, images: p/, evaluation: {keep: best}, sweep: {train.seed: [1, 2]}}
+"""
+    with pytest.raises(ManifestError) as e:
+        parse_manifest(text, "m.yaml")
+    assert e.value.problems == [
+        "subjects[1].train.lr_warmup_steps: must be < max_steps (5), got 9",
+        "subjects[2](tom~seed=1).evaluation.keep: set, but no evaluation model is (tom~seed=1); set evaluation.clip "
+        "(and/or evaluation.dino), e.g. clip: builtin:toy-clip on the toy world (and 1 more variant(s) of this sweep)"]
+    ok = parse_manifest(text.replace("lr_warmup_steps: 9", "lr_warmup_steps: 1").replace("evaluation: {keep: best}, ", ""))
+    subjects = resolve_subjects(ok, None)
+    assert [s.settings_from["train.max_steps"] for s in subjects] == ["dbbatch", "dbbatch", "subjects[1]", "dbbatch", "dbbatch"]
+    assert subjects[3].settings_from["train.seed"] == "subjects[2].sweep"

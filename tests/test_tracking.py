@@ -87,7 +87,7 @@ def test_wandb_offline_and_mlflow_store_track_each_subject(tmp_path: Path):
         # MLflow: the run in the local store beside the output
         r = client.get_run(ids["mlflow"]["run_id"])
         assert (r.info.run_name, r.info.status, r.data.tags["dbbatch.batch_run_id"]) == (sid, "FINISHED", batch)
-        assert r.data.params["subject/train/method"] == ("full" if sid == "rex" else "lora")
+        assert r.data.params["subject.train.method"] == ("full" if sid == "rex" else "lora")
         assert list(mlflow_series(client, r.info.run_id, "loss").values()) == pytest.approx(curves[sid], rel=1e-5)
         assert r.data.tags["dbbatch.output"] == str(out / sid)
         assert [a.path for a in client.list_artifacts(r.info.run_id, "samples")] == ["samples/grid.png"]
@@ -162,13 +162,19 @@ def mlflow_server(tmp_path: Path):
 
 
 def test_mlflow_server_on_loopback(tmp_path: Path, mlflow_server: str):
+    """A server on 127.0.0.1. The subject's stored state names a run this server does not have (it was tracked
+    elsewhere): a new run starts here, with a line saying so."""
     m = _manifest(tmp_path, [{"id": "rex", "token": "sks", "class_noun": "dog", "images": str(draw_subject(tmp_path / "p")),
                               "train": {"method": "lora"}}],
                   {"mlflow": {"experiment": "avatars", "tracking_uri": mlflow_server}})
+    (tmp_path / "out" / "rex").mkdir(parents=True)
+    (tmp_path / "out" / "rex" / "_tracking.json").write_text(json.dumps({"mlflow": {"run_id": "0" * 32, "experiment_id": "7"}}))
     proc = run_cli("run", str(m), env=_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"rex: MLflow run {'0' * 32} is not in {mlflow_server}; starting a new run" in proc.stderr
     client = _client(mlflow_server)
     run = client.get_run(_ids(tmp_path / "out", "rex")["mlflow"]["run_id"])
+    assert run.info.run_id != "0" * 32
     assert (run.info.run_name, run.info.status) == ("rex", "FINISHED")
     assert list(mlflow_series(client, run.info.run_id, "loss").values()) == pytest.approx(_metrics(tmp_path / "out", "rex")["loss_curve"], rel=1e-5)
     assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/grid.png"]
