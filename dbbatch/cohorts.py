@@ -170,7 +170,6 @@ class CohortRun:
         from dbbatch.packed_lora import attach_packed, detach_packed, only_slot, packed_off, slot_state
         from dbbatch.scoring import ScoreDuringTraining
         from dbbatch.packed_training import CohortData, CohortModule, Member, make_cohort_loader
-        from dbbatch.sampling import encode_prompts
         from dbbatch.training import fit, latent_stats
 
         model, runs = self.b.model, self.runs
@@ -184,9 +183,10 @@ class CohortRun:
             if prior_from_base:
                 r.priors_generated = 0
             with_class = klass is not None
+            added = model.family.added_conditioning(model.family.settings_of(r.s), r.resolution)
             members.append(Member(r.s.id, r.s.train.seed, instance, klass if with_class else None,
-                                  encode_prompts(model, [r.s.instance_prompt], self.b.device).cpu(),
-                                  encode_prompts(model, [r.s.class_prompt], self.b.device).cpu() if with_class else None))
+                                  {**model.encode([r.s.instance_prompt]), **added},
+                                  {**model.encode([r.s.class_prompt]), **added} if with_class else None))
             attach(model, r.s.train.lora, r.s.train.seed, r.s.id)  # slot k starts as subject k's own fresh adapter
             initial.append({k: v.detach().cpu() for k, v in adapter_state(model.unet).items()})
             detach(model)
@@ -200,9 +200,9 @@ class CohortRun:
             meta = {"base_model": model.identity, "cohort": self.id, "members": self.ids, "fingerprints": fingerprints,
                     "train": cfg.model_dump(mode="json")}
             module = CohortModule(model.unet, members, cfg, model.scheduler_config, model.vae.config.scaling_factor,
-                                  meta, prior_from_base=prior_from_base)
+                                  meta, prior_from_base=prior_from_base, family=model.family)
             loader = make_cohort_loader(CohortData(members, cfg.batch_size, module.noise_scheduler,
-                                                   model.vae.config.scaling_factor), cfg.max_steps)
+                                                   model.vae.config.scaling_factor, model.family), cfg.max_steps)
             scorers = [r.scorer(r.instance_images, weights=lambda k=k: slot_state(model.unet, k),
                                 active=lambda k=k: bool(module.alive[k]), current=lambda k=k: only_slot(model.unet, k),
                                 base=lambda: packed_off(model.unet)) for k, r in enumerate(runs)]

@@ -11,7 +11,7 @@ the stored model was trained with them.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 # Training settings that do not change the result (where and how often state is saved, memory trade-offs),
 # so changing them neither restarts training nor retrains a stored model.
@@ -41,9 +41,10 @@ def images_digest(contents: Iterable[bytes]) -> str:
 
 
 def subject_fingerprint(subject: Any, resolution: int, model_identity: str, instance_images: str,
-                        resumable: Iterable[str]) -> dict[str, Any]:
+                        resumable: Iterable[str], family: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: every input and setting except those in `resumable` (their
-    change is reported and the resume goes on) and NEUTRAL_TRAIN."""
+    change is reported and the resume goes on) and NEUTRAL_TRAIN. `family`: the model family's resolved
+    settings (`Family.fingerprint`; empty for SD 1.x/2.x)."""
     skip = set(resumable) | set(NEUTRAL_TRAIN)
     fp: dict[str, Any] = {"subject": subject.id, "base_model": model_identity, "resolution": resolution,
                           "instance_images": instance_images, "instance_prompt": subject.instance_prompt}
@@ -57,14 +58,15 @@ def subject_fingerprint(subject: Any, resolution: int, model_identity: str, inst
             priors = {"source": priors["source"]}
         fp.update({f"priors.{k}": v for k, v in priors.items() if k != "batch_size"})
     fp.update(flatten("train.", {k: v for k, v in train.items() if k not in skip}))
+    fp.update(flatten("family.", family or {}))
     return {k: v for k, v in fp.items() if ADDED_LATER.get(k, object()) != v}
 
 
 def stage_fingerprint(subject: Any, resolution: int, model_identity: str, instance_images: str,
-                      output_dtype: str, model_format: str) -> dict[str, Any]:
+                      output_dtype: str, model_format: str, family: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """What a stored model (the `trained` stage) must match to be published as this run's result: the
     checkpoint fingerprint plus every setting that may change between attempts, and how it is stored."""
-    fp = subject_fingerprint(subject, resolution, model_identity, instance_images, resumable=())
+    fp = subject_fingerprint(subject, resolution, model_identity, instance_images, resumable=(), family=family)
     fp.update(output_dtype=output_dtype, model_format=model_format)
     return fp
 

@@ -70,10 +70,10 @@ def target_problem(field: str, layers: Iterable[str], target: Union[str, list[st
 
 
 # -- attaching and removing ---------------------------------------------------------------------------------
-def attach(model: Any, lora: Any, seed: int, subject_id: str) -> int:
-    """Add fresh adapters (settings `lora`, a manifest LoraSettings) to the model's UNet, and to its text
-    encoder with `lora.text_encoder`; the adapters' initial values depend on `seed` only. Returns the number
-    of trainable parameters. Everything else stays frozen."""
+def attach(model: Any, lora: Any, seed: int, subject_id: str, text_encoders: tuple[str, ...] = ()) -> int:
+    """Add fresh adapters (settings `lora`, a manifest LoraSettings) to the model's UNet, and to the named
+    `text_encoders` (methods.text_encoders_trained); the adapters' initial values depend on `seed` only.
+    Returns the number of trainable parameters. Everything else stays frozen."""
     import torch
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -91,10 +91,11 @@ def attach(model: Any, lora: Any, seed: int, subject_id: str) -> int:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.unet.add_adapter(config(names), adapter_name=ADAPTER)
-        if lora.text_encoder:
-            te_names, _ = resolve_targets(adaptable_layers(model.text_encoder), list(TEXT_ENCODER_TARGETS))
-            inject_adapter_in_model(config(te_names), model.text_encoder, adapter_name=ADAPTER)
-    modules = [model.unet] + ([model.text_encoder] if lora.text_encoder else [])
+        for name in text_encoders:
+            encoder = getattr(model, name)
+            te_names, _ = resolve_targets(adaptable_layers(encoder), list(TEXT_ENCODER_TARGETS))
+            inject_adapter_in_model(config(te_names), encoder, adapter_name=ADAPTER)
+    modules = [model.unet] + [getattr(model, name) for name in text_encoders]
     # adapters live where their layer does (the model is on its device already); float32 like the base weights
     return sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
 
@@ -106,12 +107,12 @@ def attached(module: Any) -> bool:
 
 
 def detach(model: Any) -> bool:
-    """Remove every LoRA layer from the UNet and the text encoder: the original modules (and the base weights,
+    """Remove every LoRA layer from the UNet and the text encoders: the original modules (and the base weights,
     never trained) are back. True if there was anything to remove."""
     from diffusers.utils import recurse_remove_peft_layers
 
     found = False
-    for module in (model.unet, model.text_encoder):
+    for module in (model.unet, *model.text_encoders):
         if attached(module):
             found = True
             recurse_remove_peft_layers(module)

@@ -3,10 +3,11 @@
 - `pytorch_lora_weights.safetensors`: diffusers' format, written by diffusers' own `save_lora_weights` (with
   the adapter config in its metadata, so alpha != rank loads right); `pipe.load_lora_weights(folder)`.
 - `<subject>.safetensors`: the kohya format that AUTOMATIC1111, ComfyUI, SD.Next and InvokeAI load
-  (`lora_unet_<layer>` / `lora_te_<layer>` with `.lora_down.weight`, `.lora_up.weight`, `.alpha`), made by
-  diffusers' `convert_state_dict_to_kohya` with two corrections: the alpha tensors carry our alpha (the
-  converter writes alpha = rank), and SD 1.x/2.x's one text encoder is `lora_te_` (the converter's `lora_te1_`
-  is SDXL's first encoder), with the `text_model.` level of the HF CLIP layout that transformers 5 dropped.
+  (`lora_unet_<layer>` and the family's text-encoder prefixes, `lora_te_` for SD 1.x/2.x, `lora_te1_` and
+  `lora_te2_` for SDXL, with `.lora_down.weight`, `.lora_up.weight`, `.alpha`), made by diffusers'
+  `convert_state_dict_to_kohya` with two corrections: the alpha tensors carry our alpha (the converter writes
+  alpha = rank), and each text encoder gets its family's prefix (the converter names SDXL's two), with the
+  `text_model.` level of the HF CLIP layout that transformers 5 dropped.
 - `README.md` (+ `grid.png`): a Hugging Face model card.
 """
 
@@ -29,27 +30,31 @@ def _clip_layout(key: str) -> str:
     return key if key.startswith("text_model.") else "text_model." + key
 
 
-def kohya_state(unet_state: dict[str, Any], text_state: dict[str, Any], alpha: float) -> dict[str, Any]:
-    """peft adapter states -> kohya keys and tensors (pure)."""
+# the prefix diffusers' converter gives each text encoder's keys
+CONVERTER_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def kohya_state(unet_state: dict[str, Any], text_states: dict[str, dict[str, Any]], alpha: float,
+                prefixes: dict[str, str]) -> dict[str, Any]:
+    """peft adapter states (the UNet's, and each text encoder's by component name) -> kohya keys and tensors,
+    each text encoder under its family's prefix in `prefixes` (pure)."""
     import torch
     from diffusers.utils import convert_state_dict_to_kohya
 
     both = {f"unet.{k}": v for k, v in unet_state.items()}
-    both.update({f"text_encoder.{_clip_layout(k)}": v for k, v in text_state.items()})
+    for name, state in text_states.items():
+        both.update({f"{name}.{_clip_layout(k)}": v for k, v in state.items()})
+    renamed = {CONVERTER_PREFIXES[name]: prefixes[name] for name in text_states}
     out = {}
     for key, value in convert_state_dict_to_kohya(both).items():
-        if key.startswith("lora_te1_"):
-            key = "lora_te_" + key[len("lora_te1_"):]
+        for old, new in renamed.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
         if key.endswith(".alpha"):
             value = torch.tensor(float(alpha))
         out[key] = value.contiguous()
     return out
-
-
-def base_model_version(model: Any) -> Optional[str]:
-    """kohya's `ss_base_model_version` for SD 1.x (CLIP width 768) and 2.x (1024); None for other models."""
-    width = getattr(model.text_encoder.config, "hidden_size", None)
-    return {768: "sd_v1", 1024: "sd_v2"}.get(width)
 
 
 def kohya_metadata(subject: Any, model: Any, steps: int, resolution: int) -> dict[str, str]:
@@ -69,34 +74,35 @@ def kohya_metadata(subject: Any, model: Any, steps: int, resolution: int) -> dic
         "dbbatch.alpha": f"{lora.alpha:g}", "dbbatch.target": json.dumps(lora.target),
         "dbbatch.text_encoder": json.dumps(lora.text_encoder),
     }
-    version = base_model_version(model)
-    if version:
-        meta["ss_base_model_version"] = version
-        meta["modelspec.architecture"] = {"sd_v1": "stable-diffusion-v1/lora", "sd_v2": "stable-diffusion-v2-768-v/lora"}[version]
+    known = model.family.kohya_version(model)
+    if known:
+        meta["ss_base_model_version"], meta["modelspec.architecture"] = known
     return meta
 
 
 def write_lora_folder(model: Any, subject: Any, out_dir: Path, steps: int, dtype: Any, resolution: int) -> Path:
     """Write both weight files of the adapters now attached to `model` into `out_dir`."""
-    from diffusers import StableDiffusionPipeline
+    import diffusers
     from safetensors.torch import save_file
 
+    from dbbatch.methods import text_encoders_trained
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    with_te = subject.train.lora.text_encoder
 
     def cast(state: dict[str, Any]) -> dict[str, Any]:
         return {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous() for k, v in state.items()}
 
     unet_state = cast(adapter_state(model.unet))
-    te_state = cast(adapter_state(model.text_encoder)) if with_te else {}
-    StableDiffusionPipeline.save_lora_weights(
-        str(out_dir), unet_lora_layers=unet_state,
-        text_encoder_lora_layers=te_state if with_te else None,
-        unet_lora_adapter_metadata=_in_order(model.unet.peft_config[ADAPTER].to_dict()),
-        text_encoder_lora_adapter_metadata=_in_order(_te_config(model, subject)) if with_te else None,
-        weight_name=DIFFUSERS_FILE, safe_serialization=True)
-    save_file(kohya_state(unet_state, te_state, subject.train.lora.alpha), str(out_dir / kohya_name(subject.id)),
-              metadata=kohya_metadata(subject, model, steps, resolution))
+    te_states = {name: cast(adapter_state(getattr(model, name))) for name in text_encoders_trained(model, subject)}
+    te_config = _in_order(_te_config(subject))
+    # the family's pipeline class writes its own file layout (SDXL: text_encoder_2_lora_layers beside the first)
+    layers = {f"{name}_lora_layers": state for name, state in te_states.items()}
+    configs = {f"{name}_lora_adapter_metadata": te_config for name in te_states}
+    getattr(diffusers, model.family.pipeline_class).save_lora_weights(
+        str(out_dir), unet_lora_layers=unet_state, unet_lora_adapter_metadata=_in_order(model.unet.peft_config[ADAPTER].to_dict()),
+        weight_name=DIFFUSERS_FILE, safe_serialization=True, **layers, **configs)
+    save_file(kohya_state(unet_state, te_states, subject.train.lora.alpha, model.family.kohya_text_prefixes),
+              str(out_dir / kohya_name(subject.id)), metadata=kohya_metadata(subject, model, steps, resolution))
     return out_dir
 
 
@@ -106,23 +112,13 @@ def _in_order(config: dict[str, Any]) -> dict[str, Any]:
     return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
 
 
-def _te_config(model: Any, subject: Any) -> dict[str, Any]:
+def _te_config(subject: Any) -> dict[str, Any]:
     from peft import LoraConfig
 
     from dbbatch.lora import TEXT_ENCODER_TARGETS
 
     lora = subject.train.lora
     return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=list(TEXT_ENCODER_TARGETS)).to_dict()
-
-
-def pipeline_of(model: Any) -> Any:
-    """A StableDiffusionPipeline over the model's own modules (no copies): loading LoRA weights into it
-    loads them into the model."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-                                   unet=model.unet, scheduler=DDIMScheduler.from_config(model.scheduler_config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def load_lora_folder(model: Any, folder: Path) -> None:
@@ -134,7 +130,7 @@ def load_lora_folder(model: Any, folder: Path) -> None:
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        pipeline_of(model).load_lora_weights(str(folder), weight_name=DIFFUSERS_FILE, adapter_name=ADAPTER)
+        model.pipeline().load_lora_weights(str(folder), weight_name=DIFFUSERS_FILE, adapter_name=ADAPTER)
     finally:
         quiet.setLevel(level)
 
@@ -188,8 +184,8 @@ Prompt with `{subject.instance_prompt}`.
 
 ## diffusers
 ```python
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("<the base model>")
+from diffusers import {model.family.pipeline_class}
+pipe = {model.family.pipeline_class}.from_pretrained("<the base model>")
 pipe.load_lora_weights("<this folder>")  # {DIFFUSERS_FILE}
 image = pipe("{subject.instance_prompt}").images[0]
 ```

@@ -11,7 +11,7 @@ import re
 import string
 import unicodedata
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
@@ -264,6 +264,26 @@ class EvaluationConfig(_Strict):
         return "dino" if self.dino else "clip_i"
 
 
+_Size = Annotated[int, Field(gt=0, le=16384)]
+
+
+class SdxlSettings(_Strict):
+    """Stable Diffusion XL's own keys (`base_model` of family SDXL only; refused for SD 1.x/2.x models)."""
+
+    original_size: Optional[tuple[_Size, _Size]] = Field(
+        None, description="SDXL micro-conditioning: the [height, width] the model is told the images had before "
+        "resizing, in training, class priors and samples (null: the resolution). Larger values ask for the look of "
+        "high-resolution sources.")
+    crops_coords_top_left: tuple[Annotated[int, Field(ge=0, le=16384)], Annotated[int, Field(ge=0, le=16384)]] = Field(
+        (0, 0), description="SDXL micro-conditioning: the [top, left] crop offset the model is told; [0, 0] asks for "
+        "centred, uncropped subjects.")
+    target_size: Optional[tuple[_Size, _Size]] = Field(
+        None, description="SDXL micro-conditioning: the [height, width] of the image asked for (null: the resolution).")
+    train_text_encoder_2: bool = Field(
+        False, description="Also train the second text encoder (OpenCLIP ViT-bigG in SDXL 1.0) when the text encoder "
+        "trains (train.train_text_encoder with method full, train.lora.text_encoder with method lora).")
+
+
 class SubjectSettings(_Strict):
     """Keys that `defaults:` sets for every subject and each subject may override."""
 
@@ -275,6 +295,8 @@ class SubjectSettings(_Strict):
     samples: SampleConfig = Field(default_factory=SampleConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Scores during training, best "
                                          "checkpoint, flags (off unless evaluation.clip or evaluation.dino is set).")
+    sdxl: Optional[SdxlSettings] = Field(None, description="Stable Diffusion XL keys (micro-conditioning sizes, the "
+                                         "second text encoder); only for an SDXL base_model.")
 
 
 class SubjectEntry(SubjectSettings):
@@ -438,7 +460,7 @@ class Manifest(_Strict):
     """A batch of DreamBooth subjects trained from one base model."""
 
     version: Literal[1] = 1
-    base_model: str = Field("builtin:tiny-sd", description="builtin:tiny-sd, builtin:small-sd, a diffusers folder (local or fsspec URL) or a hub id.")
+    base_model: str = Field("builtin:tiny-sd", description="builtin:tiny-sd, builtin:small-sd, builtin:tiny-sdxl, builtin:toy-sd, a diffusers folder of a supported family (StableDiffusionPipeline, StableDiffusionXLPipeline; local or fsspec URL) or a hub id.")
     output: str = Field(description="Where results go: a local path or fsspec URL.")
     prior_cache: Optional[str] = Field(None, description="Class-prior cache shared across runs (default <output>/_priors).")
     storage_options: dict[str, dict[str, Any]] = Field(
@@ -481,6 +503,7 @@ class Subject(BaseModel):
     priors: PriorConfig
     samples: SampleConfig
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    sdxl: Optional[SdxlSettings] = None  # the SDXL section, when defaults or the subject set one
     model_format: str = "full"  # the manifest's model_format, resolved for this subject's train.method
     # Where each tracked setting's value came from: subjects[i], defaults, the base model's file, or dbbatch.
     settings_from: dict[str, str] = Field(default_factory=dict)
@@ -679,6 +702,11 @@ def _merged_checks(m: Manifest) -> list[str]:
         if t.method == "full" and _lora_given(m, i):
             problems.append(f"{where}.train.lora: set, but train.method is full (LoRA settings apply to method lora); "
                             "set train.method: lora or remove train.lora")
+        if subject.sdxl is not None and subject.sdxl.train_text_encoder_2 and not (
+                t.lora.text_encoder if t.method == "lora" else t.train_text_encoder):
+            key = "train.lora.text_encoder" if t.method == "lora" else "train.train_text_encoder"
+            problems.append(f"{where}.sdxl.train_text_encoder_2: trains the second text encoder beside the first, but "
+                            f"{key} is false; set {key}: true or remove sdxl.train_text_encoder_2")
         if t.method == "lora" and t.train_text_encoder:
             problems.append(f"{where}.train.train_text_encoder: fine-tunes the whole text encoder, but train.method is "
                             "lora; set train.lora.text_encoder: true for text-encoder adapters")
@@ -789,6 +817,8 @@ def apply_model_defaults(m: Manifest, carried: dict[str, Any], origin: str) -> M
     for name, cls in _SECTIONS.items():
         merged = {**getattr(model, name).model_dump(exclude_unset=True), **getattr(d, name).model_dump(exclude_unset=True)}
         filled[name] = cls(**merged)
+    if d.sdxl is not None or model.sdxl is not None:
+        filled["sdxl"] = SdxlSettings(**_merge(SdxlSettings(), *[x.sdxl for x in (model, d) if x.sdxl is not None]))
     out = m.model_copy(update={"defaults": SubjectSettings(**filled)})
     out._carried = {path: origin for path in _set_paths(model) - _set_paths(d)}
     if "train.learning_rate" not in _set_paths(d):
@@ -868,6 +898,8 @@ def resolve_subjects(m: Manifest, base_dir: Optional[Path]) -> list[Subject]:
                 priors=PriorConfig(**_merge(PriorConfig(), d.priors, s.priors)),
                 samples=SampleConfig(**_merge(SampleConfig(), d.samples, s.samples)),
                 evaluation=EvaluationConfig(**_merge(EvaluationConfig(), d.evaluation, s.evaluation)),
+                sdxl=SdxlSettings(**_merge(SdxlSettings(), *[x.sdxl for x in (d, s) if x.sdxl is not None]))
+                if d.sdxl is not None or s.sdxl is not None else None,
                 instance_template=flat["instance_prompt"],
                 model_format=m.model_format or ("lora" if _method(m, i) == "lora" else "full"),
                 settings_from=settings_sources(m, i),

@@ -1,6 +1,6 @@
 """What trains, per `train.method`, and putting the base model back between subjects.
 
-- full: the UNet's weights (and the text encoder's with train_text_encoder) are unfrozen and trained in
+- full: the UNet's weights (and the text encoders' with train_text_encoder) are unfrozen and trained in
   place; the base weights are snapshotted to host memory before the first such subject and restored after.
 - lora: adapters are attached to the frozen base (lora.py); afterwards they are removed, and the base
   weights, never trained, need no restore.
@@ -15,27 +15,35 @@ from typing import Any
 @dataclass(frozen=True)
 class Trainable:
     parameters: int  # trainable parameter count (metrics.json)
-    text_encoder: bool  # whether the text encoder (or adapters on it) trains: prompts go in as token ids
+    text_encoders: tuple[str, ...]  # the text encoders that (or whose adapters) train: prompts go in as token ids
     adapters_only: bool  # checkpoints hold only the trainable parameters
 
 
-def make_trainable(model: Any, train: Any, subject_id: str) -> Trainable:
-    """Make the parts of `model` that `train` (a TrainConfig) trains trainable, in training mode."""
+def text_encoders_trained(model: Any, subject: Any) -> tuple[str, ...]:
+    """The text encoders a subject trains (or puts adapters on): none, or the family's choice (SDXL: the first,
+    and the second with sdxl.train_text_encoder_2)."""
+    train = subject.train
+    on = train.lora.text_encoder if train.method == "lora" else train.train_text_encoder
+    return model.family.trained_text_encoders(model.family.settings_of(subject)) if on else ()
+
+
+def make_trainable(model: Any, subject: Any) -> Trainable:
+    """Make the parts of `model` that the subject's `train` section trains trainable, in training mode."""
+    train = subject.train
+    text = text_encoders_trained(model, subject)
     if train.method == "lora":
         from dbbatch.lora import attach
 
-        count = attach(model, train.lora, train.seed, subject_id)
-        text = train.lora.text_encoder
+        count = attach(model, train.lora, train.seed, subject.id, text)
     else:
         model.snapshot()  # the base weights, to restore once this subject is done (first time only)
-        text = train.train_text_encoder
-        parts = [model.unet] + ([model.text_encoder] if text else [])
+        parts = [model.unet] + [getattr(model, name) for name in text]
         for part in parts:
             part.requires_grad_(True)
         count = sum(p.numel() for part in parts for p in part.parameters())
     model.unet.train()
-    if text:
-        model.text_encoder.train()
+    for name in text:
+        getattr(model, name).train()
     return Trainable(count, text, train.method == "lora")
 
 
@@ -49,9 +57,9 @@ def reset(model: Any) -> None:
 
 
 def trained_weights(model: Any) -> dict[str, Any]:
-    """A host-memory copy of every trainable parameter of `model` ("unet.<name>", "text_encoder.<name>"): the
-    weights of one step, for evaluation.keep: best."""
-    return {f"{part}.{name}": p.detach().cpu().clone() for part in ("unet", "text_encoder")
+    """A host-memory copy of every trainable parameter of `model` ("unet.<name>", "text_encoder.<name>", ...):
+    the weights of one step, for evaluation.keep: best."""
+    return {f"{part}.{name}": p.detach().cpu().clone() for part in model.trainable_parts
             for name, p in getattr(model, part).named_parameters() if p.requires_grad}
 
 

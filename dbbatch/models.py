@@ -1,8 +1,10 @@
-"""Base models: the built-in random-weight architectures, diffusers folders (local or any fsspec URL), hub ids.
+"""Base models of any family: the built-in random-weight architectures, diffusers folders (local or any fsspec
+URL), hub ids.
 
 Every base model ends up as a `BaseModel` loaded from a diffusers folder: a built-in model is first written
-as one (once, into the cache), so the built-in tiny model runs exactly the code path a real SD 1.x/2.x folder
-runs. The VAE and (unless trained) the text encoder are frozen here, once.
+as one (once, into the cache), so the built-in tiny models run exactly the code path a real SD 1.x/2.x or
+SDXL folder runs. The folder's family (dbbatch/families/) says which components it has and how they load.
+The VAE and (unless trained) the text encoders are frozen here, once.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from dbbatch.errors import ModelError, StorageError
 log = logging.getLogger(__name__)
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
+# SDXL's second tokenizer: the same vocabulary and merges (read from TOKENIZER_DIR), its own special tokens
+# (padding with "!", as SDXL 1.0's tokenizer_2 does); only its two config files are shipped.
+TOKENIZER_2_DIR = Path(__file__).parent / "assets" / "tokenizer_2"
 BUILTIN_VERSION = "2"  # bump when a built-in config or its seed changes: it is part of every cache key
 BUILTIN_SEED = 1234
-REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 ASSETS_DIR = Path(__file__).parent / "assets"
 # Built-in models with trained weights (scripts/pretrain_toy.py), shipped as package data: a diffusers folder
 # without its tokenizer (the shared one in assets/tokenizer/ is copied in when the folder is written out).
@@ -41,21 +45,26 @@ SCHEDULER_CONFIG = {
     "prediction_type": "epsilon",
 }
 
-# Built-in architectures (random weights, fixed seed). tiny-sd: CI-sized, native 64 px. small-sd: about 10x
-# the parameters, native 128 px, still CPU-friendly. sd15: the full SD 1.5 shapes, for GPU benchmarks.
+# Built-in architectures (random weights, fixed seed), each of a family (dbbatch/families/). tiny-sd: CI-sized,
+# native 64 px. small-sd: about 10x the parameters, native 128 px, still CPU-friendly. sd15: the full SD 1.5
+# shapes, for GPU benchmarks. tiny-sdxl: SDXL-shaped (two text encoders, the second with a projection, the
+# text_time added embedding), CI-sized, native 64 px. sdxl: the full SDXL 1.0 base shapes, for GPU benchmarks.
+_TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5, projection_dim=32)
+_TINY_VAE = dict(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
 ARCHS: dict[str, dict[str, Any]] = {
     "tiny-sd": {
+        "family": "sd",
         "unet": dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8),
-        "vae": dict(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
-                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
-        "text_encoder": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
-                             projection_dim=32),
+        "vae": _TINY_VAE,
+        "text_encoder": _TINY_CLIP,
     },
     # ~10x tiny-sd per component (UNet 16.5M, VAE 6.7M, text encoder 15.8M; 39M in all vs 3.7M), native 128 px
     # with a 4x VAE, so the UNet works on the same 32x32 latents as tiny-sd at 64 px: about 5x its FLOPs per step.
     "small-sd": {
+        "family": "sd",
         "unet": dict(block_out_channels=(64, 128, 192), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -66,6 +75,7 @@ ARCHS: dict[str, dict[str, Any]] = {
                              projection_dim=256),
     },
     "sd15": {
+        "family": "sd",
         "unet": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64, in_channels=4,
                      out_channels=4, cross_attention_dim=768, attention_head_dim=8,
                      down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -75,7 +85,62 @@ ARCHS: dict[str, dict[str, Any]] = {
         "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                              projection_dim=768, hidden_act="quick_gelu"),
     },
+    # The UNet's cross-attention width is the two encoders' widths side by side (32 + 32); its added embedding
+    # takes the pooled projection (32) and six micro-conditioning ids of addition_time_embed_dim (6 x 8).
+    "tiny-sdxl": {
+        "family": "sdxl",
+        "unet": dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                     transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=32 + 6 * 8,
+                     cross_attention_dim=64),
+        "vae": _TINY_VAE,
+        "text_encoder": _TINY_CLIP,
+        "text_encoder_2": _TINY_CLIP,
+    },
+    # SDXL 1.0 base: 2.6B-parameter UNet, CLIP ViT-L + OpenCLIP ViT-bigG, native 1024 px (GPU benchmarks).
+    "sdxl": {
+        "family": "sdxl",
+        "unet": dict(block_out_channels=(320, 640, 1280), layers_per_block=2, sample_size=128, in_channels=4,
+                     out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                     attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+                     addition_time_embed_dim=256, transformer_layers_per_block=(1, 2, 10),
+                     projection_class_embeddings_input_dim=2816, cross_attention_dim=2048),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, in_channels=3, out_channels=3,
+                    latent_channels=4, sample_size=1024, scaling_factor=0.13025,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                             projection_dim=768, hidden_act="quick_gelu"),
+        "text_encoder_2": dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                               projection_dim=1280, hidden_act="gelu"),
+    },
 }
+
+
+def load_shipped_tokenizer(name: str = "tokenizer") -> Any:
+    """The CLIP tokenizer shipped with dbbatch ("tokenizer"), or SDXL's second one ("tokenizer_2")."""
+    from transformers import CLIPTokenizer
+
+    if name == "tokenizer":
+        return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    special = json.loads((TOKENIZER_2_DIR / "special_tokens_map.json").read_text())
+    config = json.loads((TOKENIZER_2_DIR / "tokenizer_config.json").read_text())
+    return CLIPTokenizer(vocab_file=str(TOKENIZER_DIR / "vocab.json"), merges_file=str(TOKENIZER_DIR / "merges.txt"),
+                         model_max_length=config["model_max_length"], do_lower_case=config.get("do_lower_case", True),
+                         **special)
+
+
+def builtin_family(name: str) -> Any:
+    """The family of a `builtin:` name (pretrained ones: their folder's)."""
+    from dbbatch import families
+
+    if name in PRETRAINED:
+        return families.of_folder(PRETRAINED[name], f"builtin:{name}")
+    if name not in ARCHS:
+        raise unknown_builtin(name)
+    return families.by_name(ARCHS[name]["family"])
 
 
 def builtin_names() -> list[str]:
@@ -157,7 +222,7 @@ def vae_scale_factor(vae_config: Any) -> int:
 
 @dataclass
 class BaseModel:
-    """A loaded Stable Diffusion model, split into the parts DreamBooth treats differently."""
+    """A loaded base model of a family, split into the parts DreamBooth treats differently."""
 
     unet: Any
     vae: Any
@@ -167,8 +232,49 @@ class BaseModel:
     identity: str  # stable fingerprint: part of prior-cache keys and checkpoint compatibility checks
     source: str  # what the manifest said
     folder: Optional[Path] = None
+    family: Any = None  # a dbbatch.families.Family; None: Stable Diffusion 1.x/2.x
+    text_encoder_2: Any = None  # SDXL's second text encoder and tokenizer
+    tokenizer_2: Any = None
     _initial: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     _changed: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.family is None:
+            from dbbatch import families
+
+            self.family = families.by_name("sd")
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        """The family's text encoders, in the order its conditioning uses them."""
+        return [getattr(self, name) for name in self.family.text_encoders]
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return [getattr(self, name) for name in self.family.tokenizers]
+
+    @property
+    def trainable_parts(self) -> tuple[str, ...]:
+        """The components a full fine-tune may change: the UNet and the text encoders."""
+        return ("unet", *self.family.text_encoders)
+
+    def parts(self) -> dict[str, Any]:
+        """Every component by its diffusers name (for the family's pipeline), the scheduler excepted."""
+        return {name: getattr(self, name) for name in ("unet", "vae", *self.family.text_encoders, *self.family.tokenizers)}
+
+    def pipeline(self, **replaced: Any) -> Any:
+        """The family's diffusers pipeline over these very modules (with `replaced` ones), DDIM sampling."""
+        from diffusers import DDIMScheduler
+
+        return self.family.pipeline({**self.parts(), **replaced}, DDIMScheduler.from_config(self.scheduler_config))
+
+    def encode(self, prompts: list[str], device: Any = None) -> dict[str, Any]:
+        """Prompts -> their conditioning (no gradients), on the CPU unless `device`."""
+        import torch
+
+        with torch.no_grad():
+            cond = self.family.encode(self.text_encoders, self.family.tokenize(self.tokenizers, prompts))
+        return {k: v.to(device) if device is not None else v.cpu() for k, v in cond.items()}
 
     @property
     def vae_scale_factor(self) -> int:
@@ -191,7 +297,7 @@ class BaseModel:
             return
         self._initial = {
             name: {k: v.detach().to("cpu", copy=True) for k, v in getattr(self, name).state_dict().items()}
-            for name in ("unet", "text_encoder")
+            for name in self.trainable_parts
         }
 
     def restore(self) -> None:
@@ -203,39 +309,31 @@ class BaseModel:
         self._changed = False
 
     def to(self, device: Any) -> "BaseModel":
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in (self.unet, self.vae, *self.text_encoders):
             module.to(device)
         return self
 
     def freeze(self) -> None:
-        for module in (self.vae, self.text_encoder, self.unet):
+        for module in (self.vae, *self.text_encoders, self.unet):
             module.requires_grad_(False)
             module.eval()
 
 
 def build_builtin(name: str, torch_dtype: Any = None) -> dict[str, Any]:
-    """Components of a built-in architecture with weights from a fixed seed (in memory, nothing on disk)."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    """Components of a built-in architecture with weights from a fixed seed (in memory, nothing on disk), plus
+    its `family`."""
+    from diffusers import DDIMScheduler
+
+    from dbbatch import families
 
     if name not in ARCHS:
         raise unknown_builtin(name)
     arch = ARCHS[name]
-    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    torch.manual_seed(BUILTIN_SEED)
-    unet = UNet2DConditionModel(**arch["unet"])
-    vae = AutoencoderKL(**arch["vae"])
-    te_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        **arch["text_encoder"],
-    )
-    text_encoder = CLIPTextModel(te_config)
-    comps = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                 scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG))
+    family = families.by_name(arch["family"])
+    comps = family.build(arch, BUILTIN_SEED)
+    comps.update(scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG), family=family)
     if torch_dtype is not None:
-        for k in ("unet", "vae", "text_encoder"):
+        for k in ("unet", "vae", *family.text_encoders):
             comps[k].to(torch_dtype)
     return comps
 
@@ -260,16 +358,13 @@ def cast_for_saving(modules: list[Any], dtype: Any) -> Iterator[None]:
 
 
 def save_folder(comps: dict[str, Any], out_dir: Path, dtype: Any = None) -> Path:
-    """Write components as a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"], unet=comps["unet"],
-        scheduler=comps["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    """Write components (with their `family`) as a diffusers folder that the family's pipeline class
+    (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`) loads with `from_pretrained`."""
+    family = comps["family"]
+    pipe = family.pipeline(comps, comps["scheduler"])
 
     def write(tmp: Path) -> None:
-        with cast_for_saving([comps["unet"], comps["vae"], comps["text_encoder"]], dtype):
+        with cast_for_saving([comps[name] for name in ("unet", "vae", *family.text_encoders)], dtype):
             pipe.save_pretrained(tmp, safe_serialization=True)
 
     return _write_model_folder(out_dir, write)
@@ -327,16 +422,23 @@ def write_builtin(name: str, out_dir: Path) -> Path:
     return save_folder(build_builtin(name), out_dir)
 
 
-def check_folder(folder: Path, source: str) -> None:
+def check_folder(folder: Path, source: str) -> Any:
+    """The family of a diffusers folder that has all of that family's components (else one line)."""
+    from dbbatch import families
+
     if not folder.is_dir():
         raise ModelError(f"base_model {source!r}: no such folder ({folder}); give a diffusers folder, a built-in "
                          f"model ({', '.join('builtin:' + a for a in builtin_names())}) or a hub id (org/name)")
     index = folder / "model_index.json"
     if not index.is_file():
-        raise ModelError(f"base_model {source!r}: not a diffusers folder (no model_index.json); use a Stable Diffusion 1.x/2.x folder saved with save_pretrained")
-    missing = [c for c in REQUIRED_COMPONENTS if not (folder / c).is_dir()]
+        raise ModelError(f"base_model {source!r}: not a diffusers folder (no model_index.json); use a folder saved "
+                         f"with save_pretrained of {families.supported()}")
+    family = families.of_folder(folder, source)
+    missing = [c for c in family.components if not (folder / c).is_dir()]
     if missing:
-        raise ModelError(f"base_model {source!r}: diffusers folder lacks {', '.join(missing)}; a Stable Diffusion 1.x/2.x pipeline is needed")
+        raise ModelError(f"base_model {source!r}: diffusers folder lacks {', '.join(missing)}; a complete "
+                         f"{family.pipeline_class} folder is needed")
+    return family
 
 
 def fingerprint(folder: Path) -> str:
@@ -362,24 +464,15 @@ def fingerprint(folder: Path) -> str:
 
 
 def load_folder(folder: Path, source: str, identity: Optional[str] = None) -> BaseModel:
-    """Load a diffusers SD folder (epsilon or v-prediction)."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    check_folder(folder, source)
+    """Load a diffusers folder of a supported family (epsilon or v-prediction)."""
+    family = check_folder(folder, source)
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
-        # transformers 5 keeps the saved dtype by default: an fp16 folder would give an fp16 encoder on the CPU.
-        text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=torch.float32)
-        vae = AutoencoderKL.from_pretrained(str(folder / "vae"))
-        unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"))
+        comps = family.load(folder)
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise ModelError(f"base_model {source!r}: cannot load the diffusers folder: {str(e).splitlines()[0][:200]}") from None
-    model = BaseModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                      scheduler_config=dict(scheduler_config), identity=identity or fingerprint(folder),
-                      source=source, folder=folder)
+    model = BaseModel(**comps, scheduler_config=dict(scheduler_config), identity=identity or fingerprint(folder),
+                      source=source, folder=folder, family=family)
     model.freeze()
     return model
 
@@ -480,10 +573,10 @@ def load_base_model(source: str, base_dir: Optional[Path], cache_dir: Path, stor
 DELTA_FILE = "dbbatch_delta.json"
 
 
-def save_delta(model: BaseModel, out_dir: Path, with_text_encoder: bool, dtype: Any = None) -> Path:
-    """Only the components fine-tuning changed, plus a reference to the base model (`model_format: delta`).
-    Load with `dbbatch.models.load_pipeline(folder)`."""
-    names = ["unet"] + (["text_encoder"] if with_text_encoder else [])
+def save_delta(model: BaseModel, out_dir: Path, text_encoders: tuple[str, ...], dtype: Any = None) -> Path:
+    """Only the components fine-tuning changed (the UNet and the trained `text_encoders`), plus a reference to
+    the base model (`model_format: delta`). Load with `dbbatch.models.load_pipeline(folder)`."""
+    names = ["unet", *text_encoders]
 
     def write(tmp: Path) -> None:
         for name in names:
@@ -497,21 +590,19 @@ def save_delta(model: BaseModel, out_dir: Path, with_text_encoder: bool, dtype: 
 
 
 def load_pipeline(folder: str, base_model: Optional[str] = None, cache_dir: Optional[Path] = None, storage: Any = None):
-    """A `StableDiffusionPipeline` for a dbbatch model folder, full or delta (the documented loading call)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """The family's pipeline (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`) for a dbbatch model folder,
+    full or delta (the documented loading call)."""
+    import diffusers
+
+    from dbbatch import families
 
     path = Path(folder)
     if not (path / DELTA_FILE).is_file():
-        return StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
+        family = families.of_folder(path, folder)
+        return getattr(diffusers, family.pipeline_class).from_pretrained(str(path))
     delta = json.loads((path / DELTA_FILE).read_text())
     base = load_base_model(base_model or delta["base_model"], None, cache_dir or Path.home() / ".cache" / "dbbatch", storage)
     if base.identity != delta["base_model_identity"]:
         raise ModelError(f"{folder}: made from base model {delta['base_model_identity']}, but {base.identity} was found")
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    unet = UNet2DConditionModel.from_pretrained(str(path / "unet"))
-    te = CLIPTextModel.from_pretrained(str(path / "text_encoder")) if "text_encoder" in delta["components"] else base.text_encoder
-    return StableDiffusionPipeline(vae=base.vae, text_encoder=te, tokenizer=base.tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler.from_config(base.scheduler_config), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    replaced = {name: type(getattr(base, name)).from_pretrained(str(path / name)) for name in delta["components"]}
+    return base.pipeline(**replaced)

@@ -24,7 +24,8 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import Dataset
 
-from dbbatch.training import CHECKPOINT_FORMAT, DreamBoothModule, EpochShuffle, noised_examples, rng_state, set_rng_state
+from dbbatch.training import (CHECKPOINT_FORMAT, DreamBoothModule, EpochShuffle, cat_rows, noised_examples, rng_state, rows,
+                              set_rng_state)
 
 
 @dataclass
@@ -35,8 +36,8 @@ class Member:
     seed: int
     instance: tuple[torch.Tensor, torch.Tensor]  # latent (mean, std) of its photos
     klass: Optional[tuple[torch.Tensor, torch.Tensor]]  # of its class images (or the photos, priors from the base)
-    instance_states: torch.Tensor  # 1 x tokens x dim: its instance prompt, embedded by the frozen text encoder
-    class_states: Optional[torch.Tensor]
+    instance_states: dict[str, torch.Tensor]  # its instance prompt's conditioning (one row; frozen text encoders)
+    class_states: Optional[dict[str, torch.Tensor]]
 
 
 def variant() -> str:
@@ -68,8 +69,8 @@ class CohortData(Dataset):
     """Item `step`: every member's examples of that step, subject-major (member k's B instance examples, then
     its B class examples), with the weights that mark padding."""
 
-    def __init__(self, members: list[Member], batch_size: int, scheduler: Any, scaling_factor: float):
-        self.members, self.batch_size = members, batch_size
+    def __init__(self, members: list[Member], batch_size: int, scheduler: Any, scaling_factor: float, family: Any):
+        self.members, self.batch_size, self.family = members, batch_size, family
         self.scheduler, self.scaling_factor = scheduler, scaling_factor
         self.with_class = members[0].klass is not None
         self.sizes = [max(len(m.instance[0]), len(m.klass[0]) if m.klass is not None else 0) for m in members]
@@ -115,7 +116,7 @@ class CohortData(Dataset):
                 stds.append(m.klass[1][cidx])
                 keys += [key + 1 for key in ks]
             weights.append([1.0] * real + [0.0] * (B - real))
-        noisy, target, timesteps = noised_examples(self.scheduler, torch.cat(means), torch.cat(stds), keys,
+        noisy, target, timesteps = noised_examples(self.family, self.scheduler, torch.cat(means), torch.cat(stds), keys,
                                                    self.scaling_factor, "cpu")
         return {"noisy": noisy, "target": target, "timesteps": timesteps, "weights": torch.tensor(weights),
                 "step": torch.tensor(step)}
@@ -125,18 +126,20 @@ class CohortModule(DreamBoothModule):
     """The packed trainer: the UNet with packed layers (the only trainable parameters) and the members."""
 
     def __init__(self, unet: Any, members: list[Member], train: Any, scheduler_config: dict[str, Any],
-                 scaling_factor: float, meta: dict[str, Any], prior_from_base: bool = False):
+                 scaling_factor: float, meta: dict[str, Any], prior_from_base: bool = False, family: Any = None):
         from dbbatch.training import TextInputs
 
         empty = TextInputs(members[0].instance_states, members[0].class_states, are_ids=False)
-        super().__init__(unet, None, empty, train, scheduler_config, scaling_factor, meta, adapters_only=True,
-                         prior_from_base=prior_from_base)
+        super().__init__(unet, {}, empty, train, scheduler_config, scaling_factor, meta, adapters_only=True,
+                         prior_from_base=prior_from_base, family=family)
         self.members = members
         self.with_class = members[0].klass is not None
         B = train.batch_size
-        per_member = [torch.cat([m.instance_states.expand(B, -1, -1)] +
-                                ([m.class_states.expand(B, -1, -1)] if self.with_class else [])) for m in members]
-        self.register_buffer("encoder_states", torch.cat(per_member), persistent=False)
+        per_member = cat_rows([c for m in members
+                               for c in [rows(m.instance_states, B)] + ([rows(m.class_states, B)] if self.with_class else [])])
+        self.cond_names = tuple(per_member)
+        for name, value in per_member.items():  # buffers: they follow the module to its device
+            self.register_buffer(f"cond_{name}", value.contiguous(), persistent=False)
         K = len(members)
         self.alive = [True] * K
         self.failed_at: list[Optional[int]] = [None] * K
@@ -147,6 +150,10 @@ class CohortModule(DreamBoothModule):
 
     def setup(self, stage: str) -> None:
         pass  # one process: no DDP sharding
+
+    def conditioning(self) -> dict[str, torch.Tensor]:
+        """Every member's rows of conditioning, subject-major as the batch's examples."""
+        return {name: getattr(self, f"cond_{name}") for name in self.cond_names}
 
     def _class_rows(self, x: torch.Tensor) -> torch.Tensor:
         K, B = len(self.members), self.cfg.batch_size
@@ -184,15 +191,14 @@ class CohortModule(DreamBoothModule):
             E = noisy.shape[0] // K
             noisy = noisy.clone()
             noisy[k * E : (k + 1) * E] = float("nan")
-        unet_dtype = self.unet.dtype
         if self.with_class and self.prior_from_base:
             with torch.no_grad(), packed_off(self.unet):
-                base = self.unet(self._class_rows(noisy).to(unet_dtype), self._class_rows(timesteps),
-                                 encoder_hidden_states=self._class_rows(self.encoder_states).to(unet_dtype)).sample
+                base = self.family.predict(self.unet, self._class_rows(noisy), self._class_rows(timesteps),
+                                           {k: self._class_rows(v) for k, v in self.conditioning().items()})
             target = target.reshape(K, 2 * B, *target.shape[1:]).clone()
             target[:, B:] = base.to(target.dtype).reshape(K, B, *base.shape[1:])
             target = target.reshape(K * 2 * B, *target.shape[2:])
-        pred = self.unet(noisy.to(unet_dtype), timesteps, encoder_hidden_states=self.encoder_states.to(unet_dtype)).sample
+        pred = self.family.predict(self.unet, noisy, timesteps, self.conditioning())
         per_example = (pred.float() - target.float()).pow(2).flatten(1).mean(1).reshape(K, -1)  # K x examples
         count = weights.sum(1)
         inst = (per_example[:, :B] * weights).sum(1) / count

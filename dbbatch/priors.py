@@ -2,7 +2,8 @@
 
 Layout: `<prior_cache>/<key>/000000.png ...` plus `prior.json` saying what the key stands for. The key hashes
 everything that changes the pixels (base model identity, class prompt, negative prompt, resolution, sampler,
-steps, guidance, seed), not the image count: asking for more images tops the folder up, image i always made
+steps, guidance, seed, and the family's conditioning settings: SDXL's family name and micro-conditioning
+sizes), not the image count: asking for more images tops the folder up, image i always made
 with seed `seed + i`.
 """
 
@@ -22,12 +23,19 @@ log = logging.getLogger(__name__)
 SAMPLER = "ddim-eta0"
 
 
-def prior_spec(model_identity: str, class_prompt: str, resolution: int, priors: Any) -> dict[str, Any]:
+def prior_spec(model_identity: str, class_prompt: str, resolution: int, priors: Any,
+               conditioning: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """`conditioning`: the family's `conditioning_spec` (empty for SD 1.x/2.x: their keys are unchanged)."""
     return {
         "base_model": model_identity, "class_prompt": class_prompt, "negative_prompt": priors.negative_prompt,
         "resolution": resolution, "sampler": SAMPLER, "steps": priors.steps, "guidance_scale": priors.guidance_scale,
-        "seed": priors.seed,
+        "seed": priors.seed, **(conditioning or {}),
     }
+
+
+def model_prior_spec(model: Any, class_prompt: str, resolution: int, priors: Any, settings: Any) -> dict[str, Any]:
+    """The spec of a model's class images; `settings`: the subject's family section."""
+    return prior_spec(model.identity, class_prompt, resolution, priors, model.family.conditioning_spec(settings, resolution))
 
 
 def prior_key(spec: dict[str, Any]) -> str:
@@ -44,13 +52,14 @@ def missing_indices(existing_names: set[str], num_images: int) -> list[int]:
 
 def ensure_priors(
     model: Any, class_prompt: str, resolution: int, priors: Any, cache_url: str, storage: Any,
-    reporter: Any = None, label: str = "", should_stop: Optional[Callable[[], None]] = None,
+    reporter: Any = None, label: str = "", should_stop: Optional[Callable[[], None]] = None, settings: Any = None,
 ) -> tuple[list[Image.Image], int]:
-    """Return `priors.num_images` class images, generating only those the cache lacks. -> (images, generated)."""
+    """Return `priors.num_images` class images, generating only those the cache lacks. -> (images, generated).
+    `settings`: the subject's family section (SDXL's micro-conditioning)."""
     from dbbatch.sampling import generate
     from dbbatch.storage import join
 
-    spec = prior_spec(model.identity, class_prompt, resolution, priors)
+    spec = model_prior_spec(model, class_prompt, resolution, priors, settings)
     key = prior_key(spec)
     folder = join(cache_url, key)
     stored_spec = storage.read_json(join(folder, "prior.json"))
@@ -87,7 +96,7 @@ def ensure_priors(
                     task.advance()
 
             generate(model, [class_prompt] * len(chunk), [priors.seed + i for i in chunk], resolution, priors.steps,
-                     priors.guidance_scale, priors.negative_prompt, priors.batch_size, on_image=store)
+                     priors.guidance_scale, priors.negative_prompt, priors.batch_size, on_image=store, settings=settings)
         if task:
             task.close()
     for i in todo:  # read back what was just stored: the same pixels a later run will read

@@ -1,8 +1,9 @@
 """Seeded image generation with classifier-free guidance, and sample grids.
 
-One generator serves both class priors and sample grids. Each image has its own seed (its own
-`torch.Generator`), so image i is the same whether it is made alone or in a batch, and a partial set can be
-topped up. Conditional and unconditional inputs go through the UNet in one batched forward.
+One generator serves both class priors and sample grids: the model family's own diffusers pipeline. Each
+image has its own seed (its own `torch.Generator`), so image i is the same whether it is made alone or in a
+batch, and a partial set can be topped up. The pipelines put the conditional and unconditional inputs
+through the UNet in one batched forward (tests/test_families.py checks both guarantees for every family).
 """
 
 from __future__ import annotations
@@ -10,11 +11,6 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from PIL import Image
-
-
-def apply_guidance(noise_uncond, noise_cond, scale: float):
-    """Classifier-free guidance (Ho & Salimans 2022): move from the unconditional towards the conditional."""
-    return noise_uncond + scale * (noise_cond - noise_uncond)
 
 
 def grid_shape(num_images: int, columns: int) -> tuple[int, int]:
@@ -35,16 +31,6 @@ def make_grid(images: list[Image.Image], columns: int, pad: int = 2) -> Image.Im
     return grid
 
 
-def encode_prompts(model: Any, prompts: list[str], device: Any):
-    """Token ids -> CLIP last hidden states, as SD conditions on them."""
-    import torch
-
-    tok = model.tokenizer(prompts, padding="max_length", max_length=model.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        return model.text_encoder(tok.input_ids.to(device))[0]
-
-
 def generate(
     model: Any,
     prompts: list[str],
@@ -56,48 +42,32 @@ def generate(
     batch_size: int = 4,
     on_image: Optional[Callable[[int, Image.Image], None]] = None,
     output: str = "pil",
+    settings: Any = None,
 ) -> list[Any]:
-    """One image per (prompt, seed) pair, `prompts[i]` with `seeds[i]`. DDIM, eta 0: deterministic.
-    `output="latent"` returns the final (scaled) latents instead of decoded images."""
+    """One image per (prompt, seed) pair, `prompts[i]` with `seeds[i]`, through the family's diffusers
+    pipeline with DDIM, eta 0 (deterministic): what a user's `pipe(prompt, generator=...)` makes from the same
+    model. `settings`: the subject's family section (SDXL's micro-conditioning sizes). `output="latent"`
+    returns the final (scaled) latents instead of decoded images."""
     import torch
-    from diffusers import DDIMScheduler
 
-    from dbbatch.images import from_tensor
-
+    pipe = model.pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    options = model.family.render_options(settings, resolution, negative_prompt)
+    negative = options.pop("negative_prompt")
     assert len(prompts) == len(seeds)
-    unet, vae = model.unet, model.vae
-    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
-    latent_size = resolution // model.vae_scale_factor
-    channels = unet.config.in_channels
-    scaling = vae.config.scaling_factor
-    scheduler = DDIMScheduler.from_config(model.scheduler_config)
-    uncond_cache: dict[str, Any] = {}
-    out: list[Image.Image] = []
+    out: list[Any] = []
     for start in range(0, len(prompts), batch_size):
         batch_prompts, batch_seeds = prompts[start : start + batch_size], seeds[start : start + batch_size]
-        n = len(batch_prompts)
-        cond = encode_prompts(model, batch_prompts, device).to(dtype)
-        if negative_prompt not in uncond_cache:
-            uncond_cache[negative_prompt] = encode_prompts(model, [negative_prompt], device).to(dtype)
-        uncond = uncond_cache[negative_prompt].expand(n, -1, -1)
-        context = torch.cat([uncond, cond])
-        latents = torch.cat([
-            torch.randn((1, channels, latent_size, latent_size), generator=torch.Generator("cpu").manual_seed(s))
-            for s in batch_seeds
-        ]).to(device=device, dtype=dtype)
-        scheduler.set_timesteps(steps, device=device)
-        latents = latents * scheduler.init_noise_sigma
-        with torch.no_grad():
-            for t in scheduler.timesteps:
-                model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-                noise = unet(model_in, t, encoder_hidden_states=context).sample
-                noise_uncond, noise_cond = noise.chunk(2)
-                latents = scheduler.step(apply_guidance(noise_uncond, noise_cond, guidance_scale), t, latents).prev_sample
-            if output == "latent":
-                out += list(latents.float().cpu())
-                continue
-            pixels = vae.decode(latents / scaling).sample
-        for j, img in enumerate(from_tensor(pixels)):
+        result = pipe(
+            prompt=batch_prompts, negative_prompt=None if negative is None else [negative] * len(batch_prompts),
+            height=resolution, width=resolution, num_inference_steps=steps, guidance_scale=guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(s) for s in batch_seeds],
+            output_type="latent" if output == "latent" else "pil", **options,
+        ).images
+        if output == "latent":
+            out += list(result.float().cpu())
+            continue
+        for j, img in enumerate(result):
             out.append(img)
             if on_image is not None:
                 on_image(start + j, img)

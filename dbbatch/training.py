@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -85,17 +85,15 @@ def draws(keys: list[int], shape: tuple[int, ...], num_train_timesteps: int) -> 
     return torch.stack(samples), torch.stack(noises), torch.cat(steps)
 
 
-def noised_examples(scheduler: Any, mean: torch.Tensor, std: torch.Tensor, keys: list[int], scaling_factor: float,
-                    device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def noised_examples(family: Any, scheduler: Any, mean: torch.Tensor, std: torch.Tensor, keys: list[int],
+                    scaling_factor: float, device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(noisy latents, target, timesteps) of examples whose latent distributions are (mean, std), the randomness
-    of example i from keys[i] (draws)."""
+    of example i from keys[i] (draws); the objective is the family's (`Family.noised`)."""
     sample, noise, timesteps = draws(keys, tuple(mean.shape[1:]), scheduler.config.num_train_timesteps)
     latents = ((mean.cpu() + std.cpu() * sample) * scaling_factor).to(device)
     noise, timesteps = noise.to(device), timesteps.to(device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    if scheduler.config.prediction_type == "v_prediction":
-        return noisy, scheduler.get_velocity(latents, noise, timesteps), timesteps
-    return noisy, noise, timesteps
+    noisy, target = family.noised(scheduler, latents, noise, timesteps)
+    return noisy, target, timesteps
 
 
 def noise_key(seed: int, epoch: int, position: int) -> int:
@@ -197,29 +195,50 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 @dataclass
 class TextInputs:
-    """Either cached embeddings (frozen text encoder) or token ids (trained text encoder)."""
+    """The instance and class prompts: either their cached conditioning ({name: tensor}, one row; frozen text
+    encoders) or their token ids (one tensor per tokenizer; a text encoder trains). `added`: the conditioning
+    that is not the prompt (SDXL's size ids), one row."""
 
-    instance: torch.Tensor
-    klass: Optional[torch.Tensor]
+    instance: Any
+    klass: Optional[Any]
     are_ids: bool
+    added: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def rows(cond: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """A one-row conditioning repeated for n examples (a view)."""
+    return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
+
+
+def cat_rows(conds: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
 
 
 class DreamBoothModule(pl.LightningModule):
-    """Holds only what trains (UNet, and the text encoder when trained): its state_dict is the checkpoint.
+    """Holds only what trains (UNet, and the text encoders that train): its state_dict is the checkpoint.
 
     With `adapters_only` (LoRA) the state_dict is the trainable parameters alone (the adapters), so a
     checkpoint holds no base weights. With `prior_from_base` the class examples' target is the frozen base
-    model's own prediction (the adapters switched off) instead of the noise of a class image."""
+    model's own prediction (the adapters switched off) instead of the noise of a class image.
+    `encoders`: with token ids, every text encoder of the family in its order (those not in `trained` are
+    frozen and stay out of checkpoints)."""
 
-    def __init__(self, unet: Any, text_encoder: Optional[Any], text: TextInputs, train: Any,
+    def __init__(self, unet: Any, trained: dict[str, Any], text: TextInputs, train: Any,
                  scheduler_config: dict[str, Any], scaling_factor: float, meta: dict[str, Any],
-                 adapters_only: bool = False, prior_from_base: bool = False):
+                 adapters_only: bool = False, prior_from_base: bool = False, family: Any = None,
+                 encoders: Sequence[Any] = ()):
         super().__init__()
         self.adapters_only, self.prior_from_base = adapters_only, prior_from_base
         from diffusers import DDPMScheduler
 
+        from dbbatch import families
+
+        self.family = family or families.by_name("sd")
         self.unet = unet
-        self.text_encoder = text_encoder  # None unless trained: a frozen encoder stays out of checkpoints
+        self.trained_names = tuple(trained)
+        for name, module in trained.items():  # registered under the component's name: checkpoint keys
+            setattr(self, name, module)
+        self.encoders = list(encoders)  # a plain list: frozen ones are not registered, so not in checkpoints
         self.text = text
         self.cfg = train
         self.noise_scheduler = DDPMScheduler.from_config(scheduler_config)
@@ -229,14 +248,21 @@ class DreamBoothModule(pl.LightningModule):
         self.losses: list[float] = []
         self.loader: Any = None  # set by fit(): its consumed position goes into checkpoints
 
-    def _encoder_states(self, batch_size: int, with_class: bool, only_class: bool = False) -> torch.Tensor:
-        parts = [] if only_class else [self.text.instance.expand(batch_size, *self.text.instance.shape[1:])]
-        if with_class:
-            parts.append(self.text.klass.expand(batch_size, *self.text.klass.shape[1:]))
-        states = torch.cat(parts).to(self.device)
+    def _prompt(self, which: Any) -> dict[str, torch.Tensor]:
         if self.text.are_ids:
-            states = self.text_encoder(states)[0]
-        return states.to(self.unet.dtype)
+            cond = self.family.encode(self.encoders, which)
+        else:
+            cond = which
+        return {**{k: v.to(self.device) for k, v in cond.items()}, **{k: v.to(self.device) for k, v in self.text.added.items()}}
+
+    def _conditioning(self, batch_size: int, with_class: bool, only_class: bool = False) -> dict[str, torch.Tensor]:
+        parts = [] if only_class else [rows(self._prompt(self.text.instance), batch_size)]
+        if with_class:
+            parts.append(rows(self._prompt(self.text.klass), batch_size))
+        return cat_rows(parts)
+
+    def _trained_encoders(self) -> list[Any]:
+        return [getattr(self, name) for name in self.trained_names]
 
     def _trainable_names(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.requires_grad}
@@ -264,9 +290,9 @@ class DreamBoothModule(pl.LightningModule):
         """The frozen base model's prediction for the class prompt: the class examples' target."""
         from dbbatch.lora import adapters_off
 
-        with torch.no_grad(), adapters_off(self.unet, self.text_encoder if self.text.are_ids else None):
-            states = self._encoder_states(batch_size, True, only_class=True)
-            return self.unet(noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=states).sample
+        with torch.no_grad(), adapters_off(self.unet, *(self.encoders if self.text.are_ids else ())):
+            cond = self._conditioning(batch_size, True, only_class=True)
+            return self.family.predict(self.unet, noisy, timesteps, cond)
 
     def setup(self, stage: str) -> None:
         if self.loader is not None:  # runs in every rank: each one trains its share of the samples
@@ -286,12 +312,13 @@ class DreamBoothModule(pl.LightningModule):
         keys = [int(k) for k in batch["noise_key"]]
         if with_class:
             keys += [k + 1 for k in keys]
-        noisy, target, timesteps = noised_examples(self.noise_scheduler, mean, std, keys, self.scaling_factor, self.device)
+        noisy, target, timesteps = noised_examples(self.family, self.noise_scheduler, mean, std, keys, self.scaling_factor,
+                                                   self.device)
         if faults.nan_member(self.global_step) == self.meta.get("subject"):
             noisy = noisy * float("nan")
         if with_class and self.prior_from_base:
             target = torch.cat([target[:n], self._base_prediction(noisy[n:], timesteps[n:], n).to(target.dtype)])
-        pred = self.unet(noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=self._encoder_states(n, with_class)).sample
+        pred = self.family.predict(self.unet, noisy, timesteps, self._conditioning(n, with_class))
         loss, inst, prior = dreambooth_loss(pred, target, n, self.cfg.prior_loss_weight)
         # Under DDP each rank's loss covers its share of the batch; the mean over ranks is the loss of the whole
         # (ranks hold equally many examples) and what DDP's averaged gradient descends. Identity in one process.
@@ -319,19 +346,20 @@ class DreamBoothModule(pl.LightningModule):
         # Free the state and gradients, and hand the modules back to their owner (the BaseModel) where they are.
         for optimizer in self.trainer.optimizers:
             optimizer.state.clear()
-        for name in ("unet", "text_encoder"):
+        for name in ("unet", *self.trained_names):
             module = getattr(self, name)
             if module is not None:
                 module.zero_grad(set_to_none=True)
                 setattr(self, name, None)
+        self.encoders = []
 
     def configure_optimizers(self) -> Any:
         from diffusers.optimization import get_scheduler
 
         cfg = self.cfg
         groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
-        if self.text_encoder is not None:
-            groups.append({"params": [p for p in self.text_encoder.parameters() if p.requires_grad],
+        if self.trained_names:
+            groups.append({"params": [p for m in self._trained_encoders() for p in m.parameters() if p.requires_grad],
                            "lr": cfg.text_encoder_learning_rate or cfg.learning_rate})
         kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
         if cfg.optimizer == "adamw8bit":

@@ -208,6 +208,32 @@ def missing_extras(tracking: Any) -> list[str]:
     return out
 
 
+def model_family(base_model: str, base_dir: Optional[Path], storage: Any, check_remote: bool) -> Optional[Any]:
+    """The base model's family from its model_index.json (a built-in's is known), or None when not reachable
+    here or unreadable (the model checks report that). An unsupported pipeline class raises its one line."""
+    from dbbatch import families
+    from dbbatch.models import builtin_family, builtin_names, resolve_source
+
+    kind, where = resolve_source(base_model, base_dir)
+    if kind == "builtin":
+        return builtin_family(where) if where in builtin_names() else None
+    try:
+        index = _read_config(kind, where, "model_index.json", storage, check_remote)
+    except (DbbatchError, ValueError):
+        return None
+    return families.of_index(index, base_model) if index is not None else None
+
+
+def family_problems(manifest: Manifest, family: Any) -> list[str]:
+    """Family sections (`sdxl:`) set in `defaults` or a subject that the base model's family does not read."""
+    from dbbatch import families
+
+    problems = families.inapplicable(family, manifest.defaults, "defaults.", manifest.base_model)
+    for i, entry in enumerate(manifest.subjects):
+        problems += families.inapplicable(family, entry, f"{where_of(manifest, i)}.", manifest.base_model)
+    return problems
+
+
 def check_manifest(manifest: Manifest, base_dir: Optional[Path], storage: Any, check_remote: bool,
                    output: str, prior_cache: str) -> Findings:
     """Every problem and warning; nothing is raised for a per-item problem, so all are reported at once.
@@ -226,6 +252,13 @@ def check_manifest(manifest: Manifest, base_dir: Optional[Path], storage: Any, c
         p, w = token_problems(manifest, tokenizer)
         found.problems += p
         found.warnings += w
+    try:
+        family = model_family(manifest.base_model, base_dir, storage, check_remote)
+    except ModelError as e:
+        found.problems.append(_model_problem(e, manifest.base_model))
+        family = None
+    if family is not None:
+        found.problems += family_problems(manifest, family)
     geometry = model_geometry(manifest.base_model, base_dir, storage, check_remote)
     if geometry is not None:
         found.problems += resolution_problems(manifest, *geometry)

@@ -422,6 +422,10 @@ class SubjectRun:
         if res % model.vae_scale_factor:
             raise InputError(f"subject {self.s.id}: resolution {res} is not a multiple of the model's scale factor {model.vae_scale_factor}")
         self.resolution = res
+        from dbbatch.families import inapplicable
+
+        for problem in inapplicable(model.family, self.s, f"subject {self.s.id}: ", self.b.manifest.base_model):
+            raise InputError(problem)
         stage = self.storage.read_json(join(self.out, STAGE)) or {}
         if stage.get("stage") == "trained" and not self.stored_model_matches(stage):
             stage = {}
@@ -470,13 +474,13 @@ class SubjectRun:
         if base is None and self.s.train.method == "lora":
             from dbbatch.lora import adapters_off
 
-            base = lambda: adapters_off(model.unet, model.text_encoder)  # noqa: E731
+            base = lambda: adapters_off(model.unet, *model.text_encoders)  # noqa: E731
 
         def inside(context: Any) -> Any:
             def render(prompts: list[str], seeds: list[int]) -> list[Any]:
                 with context():
                     return generate(model, prompts, seeds, self.resolution, cfg.steps, cfg.guidance_scale,
-                                    cfg.negative_prompt, cfg.batch_size)
+                                    cfg.negative_prompt, cfg.batch_size, settings=model.family.settings_of(self.s))
             return render
 
         target = Target(self.s, photos, inside(current or nullcontext), weights or (lambda: trained_weights(model)),
@@ -576,11 +580,12 @@ class SubjectRun:
         from dbbatch.checkpoints import RESUME_SETTINGS
         from dbbatch.fingerprints import stage_fingerprint, subject_fingerprint
 
-        identity = self.b.model.identity
+        model = self.b.model
+        family = model.family.fingerprint(model.family.settings_of(self.s), self.resolution)
         if stage:
-            return stage_fingerprint(self.s, self.resolution, identity, self.images_digest, self.b.manifest.output_dtype,
-                                     self.s.model_format)
-        return subject_fingerprint(self.s, self.resolution, identity, self.images_digest, RESUME_SETTINGS)
+            return stage_fingerprint(self.s, self.resolution, model.identity, self.images_digest,
+                                     self.b.manifest.output_dtype, self.s.model_format, family)
+        return subject_fingerprint(self.s, self.resolution, model.identity, self.images_digest, RESUME_SETTINGS, family)
 
     def stored_model_matches(self, stage: dict[str, Any]) -> bool:
         """Whether the stored model was trained with this run's photos and settings. If not, say what changed
@@ -616,15 +621,18 @@ class SubjectRun:
 
     def class_latents(self) -> Any:
         from dbbatch.images import to_tensor
-        from dbbatch.priors import ensure_priors, prior_key, prior_spec
+        from dbbatch.priors import ensure_priors, model_prior_spec, prior_key
         from dbbatch.training import latent_stats
 
         model = self.b.model
-        key = prior_key(prior_spec(model.identity, self.s.class_prompt, self.resolution, self.s.priors)) + f":{self.s.priors.num_images}"
+        settings = model.family.settings_of(self.s)
+        spec = model_prior_spec(model, self.s.class_prompt, self.resolution, self.s.priors, settings)
+        key = prior_key(spec) + f":{self.s.priors.num_images}"
         if key not in self.b._class_latents:
             images, generated = ensure_priors(
                 model, self.s.class_prompt, self.resolution, self.s.priors, self.b.opts.prior_cache, self.storage,
                 self.b.reporter, self.label, should_stop=lambda: signals.check(f"{self.s.id} during prior generation"),
+                settings=settings,
             )
             self.priors_generated = generated
             self.b._class_latents[key] = latent_stats(model.vae, to_tensor(images))
@@ -636,7 +644,6 @@ class SubjectRun:
         from dbbatch.checkpoints import StoreCheckpoints, pick_resume
         from dbbatch.images import to_tensor
         from dbbatch.methods import make_trainable
-        from dbbatch.sampling import encode_prompts
         from dbbatch.scoring import ScoreDuringTraining
         from dbbatch.training import DreamBoothModule, LatentPairs, TextInputs, device_count, fit, latent_stats, make_loader
 
@@ -652,22 +659,24 @@ class SubjectRun:
             klass = instance  # no class images: the class prompt on the instance latents (README: priors.source)
             self.priors_generated = 0
         with_class = klass is not None
-        trainable = make_trainable(model, cfg, self.s.id)
+        trainable = make_trainable(model, self.s)
         self.trainable_parameters = trainable.parameters
-        if trainable.text_encoder:
-            ids = lambda p: model.tokenizer([p], padding="max_length", max_length=model.tokenizer.model_max_length,  # noqa: E731
-                                            truncation=True, return_tensors="pt").input_ids
-            text = TextInputs(ids(self.s.instance_prompt), ids(self.s.class_prompt) if with_class else None, are_ids=True)
+        family = model.family
+        added = family.added_conditioning(family.settings_of(self.s), self.resolution)
+        if trainable.text_encoders:
+            ids = lambda p: family.tokenize(model.tokenizers, [p])  # noqa: E731
+            text = TextInputs(ids(self.s.instance_prompt), ids(self.s.class_prompt) if with_class else None, True, added)
         else:
-            text = TextInputs(encode_prompts(model, [self.s.instance_prompt], self.b.device).cpu(),
-                              encode_prompts(model, [self.s.class_prompt], self.b.device).cpu() if with_class else None, are_ids=False)
+            text = TextInputs(model.encode([self.s.instance_prompt]), model.encode([self.s.class_prompt]) if with_class else None,
+                              False, added)
         if cfg.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
         fingerprint = self.fingerprint()
         meta = {"base_model": model.identity, "subject": self.s.id, "train": cfg.model_dump(), "fingerprint": fingerprint}
-        module = DreamBoothModule(model.unet, model.text_encoder if trainable.text_encoder else None, text, cfg,
+        module = DreamBoothModule(model.unet, {name: getattr(model, name) for name in trainable.text_encoders}, text, cfg,
                                   model.scheduler_config, model.vae.config.scaling_factor, meta,
-                                  adapters_only=trainable.adapters_only, prior_from_base=prior_from_base)
+                                  adapters_only=trainable.adapters_only, prior_from_base=prior_from_base, family=family,
+                                  encoders=model.text_encoders if trainable.text_encoders else ())
         loader = make_loader(LatentPairs(instance, klass), cfg.batch_size, cfg.seed)
 
         ckpt_remote = join(self.out, "checkpoints")
@@ -736,6 +745,7 @@ class SubjectRun:
         Returns the output's size for metrics.json."""
         import torch
 
+        from dbbatch.methods import text_encoders_trained
         from dbbatch.models import save_folder, save_delta
 
         model = self.b.model
@@ -747,22 +757,20 @@ class SubjectRun:
 
             write_lora_folder(model, self.s, self.work / "lora", steps, dtype, self.resolution)
             folders.append("lora")
+        trained = text_encoders_trained(model, self.s)
         if fmt == "delta":
-            save_delta(model, self.work / "model", self.s.train.train_text_encoder, dtype)
+            save_delta(model, self.work / "model", trained, dtype)
             folders.append("model")
         elif fmt == "full":
             from diffusers import DDIMScheduler
 
-            unet, text_encoder = model.unet, model.text_encoder
+            comps = {**model.parts(), "scheduler": DDIMScheduler.from_config(model.scheduler_config), "family": model.family}
             if lora:
                 from dbbatch.lora import merged_copy
 
-                unet = merged_copy(unet)
-                text_encoder = merged_copy(text_encoder) if self.s.train.lora.text_encoder else text_encoder
-            comps = dict(unet=unet, vae=model.vae, text_encoder=text_encoder, tokenizer=model.tokenizer,
-                         scheduler=DDIMScheduler.from_config(model.scheduler_config))
+                comps.update({name: merged_copy(comps[name]) for name in ("unet", *trained)})
             save_folder(comps, self.work / "model", dtype)
-            del unet, text_encoder, comps
+            del comps
             folders.append("model")
         files = {f"{name}/{p.relative_to(self.work / name)}": p.stat().st_size
                  for name in folders for p in sorted((self.work / name).rglob("*")) if p.is_file()}
@@ -774,6 +782,8 @@ class SubjectRun:
     def load_trained_weights(self) -> None:
         from safetensors.torch import load_file
 
+        from dbbatch.methods import text_encoders_trained
+
         model = self.b.model
         if self.s.train.method == "lora":
             from dbbatch.lora_export import DIFFUSERS_FILE, load_lora_folder
@@ -782,7 +792,7 @@ class SubjectRun:
             load_lora_folder(model, local.parent)
             return
         model.snapshot()
-        for name in ("unet", "text_encoder") if self.s.train.train_text_encoder else ("unet",):
+        for name in ("unet", *text_encoders_trained(model, self.s)):
             folder = join(self.out, "model", name)
             for url in self.storage.list_files(folder):
                 if url.endswith(".safetensors"):
@@ -822,7 +832,8 @@ class SubjectRun:
             signals.check(f"{self.s.id} during sampling")
             chunk = todo[start : start + cfg.batch_size]
             generate(model, [prompts[r] for r, _ in chunk], [cfg.seeds[c] for _, c in chunk], self.resolution, cfg.steps,
-                     cfg.guidance_scale, cfg.negative_prompt, cfg.batch_size, on_image=lambda j, img, ch=chunk: store(j, img, ch))
+                     cfg.guidance_scale, cfg.negative_prompt, cfg.batch_size, on_image=lambda j, img, ch=chunk: store(j, img, ch),
+                     settings=model.family.settings_of(self.s))
         if task:
             task.close()
         # the grid: images made now from memory, those stored by an earlier attempt read back
