@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Throughput benchmark: where a subject's seconds go, and what a batch of subjects costs.
 
-    python bench/run.py [--arch tiny|small|sd15] [--quick] [--json FILE] [--keep DIR]
+    python bench/run.py [--arch tiny|small|tiny-sdxl|sd15|sdxl-lora] [--quick] [--json FILE] [--keep DIR]
     python bench/run.py --sweep [--steps N]    # a sweep of four variants against four subjects (bench/sweep.py)
 
 Runs the real worker (`dbbatch.worker.Batch`, one `run_one` per subject, as `dbbatch run` does) on
@@ -20,8 +20,10 @@ targets (tiny-sd <= 0.10 s per step; later subjects cost <= their training + sam
 Exit status: 0 all good, 1 a sanity check failed (the numbers cannot be trusted), 2 a target was missed.
 --quick (fewer steps and subjects, for smoke tests) checks sanity only.
 
-`--arch sd15` is the full SD 1.5 architecture (random weights, built in memory: no 4 GB folder is written)
-at 512 px with bf16 autocast, meant for a GPU.
+`--arch tiny-sdxl` is the SDXL-shaped built-in model (two text encoders, the text_time added embedding) at
+its native 64 px, on this CPU. `--arch sd15` is the full SD 1.5 architecture (random weights, built in memory:
+no 4 GB folder is written) at 512 px with bf16 autocast, and `--arch sdxl-lora` LoRA (rank 16) on the full
+SDXL 1.0 architecture at 1024 px in bf16; both are meant for a GPU.
 """
 
 from __future__ import annotations
@@ -80,10 +82,17 @@ PLANS = {
                  sample_seeds=2, batches=(1, 4, 10), target_seconds_per_step=TINY_TARGET_SECONDS_PER_STEP),
     "small": Plan("small", "builtin:small-sd", 128, max_steps=30, prior_images=8, prior_steps=20, sample_steps=20,
                   sample_seeds=2, batches=(1, 4, 10)),
+    # SDXL-shaped, CPU-sized: the same step budget as tiny, on both of its text encoders' conditioning.
+    "tiny-sdxl": Plan("tiny-sdxl", "builtin:tiny-sdxl", 64, max_steps=50, prior_images=8, prior_steps=20, sample_steps=20,
+                      sample_seeds=2, batches=(1, 4)),
     # GPU: bf16 autocast; outputs as an fp16 delta (the UNet only) so publishing does not write 4 GB per subject.
     "sd15": Plan("sd15", "builtin:sd15", 512, max_steps=100, prior_images=8, prior_steps=25, sample_steps=25,
                  sample_seeds=2, batches=(1, 4), mixed_precision="bf16", output_dtype="fp16", model_format="delta",
                  in_memory=True),
+    # GPU: LoRA on the SDXL 1.0 architecture (2.6B-parameter UNet) at 1024 px, bf16 autocast, fp16 adapters.
+    "sdxl-lora": Plan("sdxl-lora", "builtin:sdxl", 1024, max_steps=60, prior_images=4, prior_steps=25, sample_steps=25,
+                      sample_seeds=1, batches=(1,), mixed_precision="bf16", output_dtype="fp16", model_format="lora",
+                      in_memory=True, method="lora", lora_rank=16),
 }
 DEFAULT_ARCHS = ("tiny", "small")
 # --methods: training methods compared on each architecture (issue 12), each with one checkpoint mid-run
@@ -528,7 +537,7 @@ def child_main(spec_path: Path) -> int:
         return 0
     result: dict[str, Any] = {
         "model_load_seconds": batch.model_load_seconds, "device": str(batch.device), "subjects": [],
-        "params_m": sum(p.numel() for mod in (model.unet, model.vae, model.text_encoder) for p in mod.parameters()) / 1e6,
+        "params_m": sum(p.numel() for mod in (model.unet, model.vae, *model.text_encoders) for p in mod.parameters()) / 1e6,
     }
     for subject in resolve_subjects(manifest, base_dir):
         started = time.monotonic()
@@ -556,9 +565,9 @@ def preload_in_memory(batch: Any, plan: Plan) -> None:
     name = plan.base_model.split(":", 1)[1]
     started = time.monotonic()
     comps = build_builtin(name)
-    model = BaseModel(unet=comps["unet"], vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
-                      scheduler_config=dict(SCHEDULER_CONFIG), identity=f"builtin:{name}:v{BUILTIN_VERSION}:seed{BUILTIN_SEED}",
-                      source=plan.base_model)
+    comps.pop("scheduler")
+    model = BaseModel(**comps, scheduler_config=dict(SCHEDULER_CONFIG),
+                      identity=f"builtin:{name}:v{BUILTIN_VERSION}:seed{BUILTIN_SEED}", source=plan.base_model)
     model.freeze()
     batch.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch._model = model.to(batch.device)
@@ -622,8 +631,12 @@ def unet_train_flops(batch: Any, plan: Plan) -> float:
     unet = model.unet
     lat = plan.resolution // model.vae_scale_factor
     device = batch.device
+    from dbbatch.training import rows
+
     x = torch.randn(2, unet.config.in_channels, lat, lat, device=device)
-    ctx = torch.randn(2, model.tokenizer.model_max_length, unet.config.cross_attention_dim, device=device)
+    cond = {**model.encode(["a photo of sks dog"], device),
+            **{k: v.to(device) for k, v in model.family.added_conditioning(None, plan.resolution).items()}}
+    cond = rows(cond, 2)
     t = torch.tensor([10, 500], device=device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if plan.mixed_precision == "bf16" else torch.float16)
                 if plan.mixed_precision != "no" else contextlib.nullcontext())
@@ -631,7 +644,7 @@ def unet_train_flops(batch: Any, plan: Plan) -> float:
     try:
         with FlopCounterMode(display=False) as counter:
             with autocast:
-                pred = unet(x, t, encoder_hidden_states=ctx).sample
+                pred = model.family.predict(unet, x, t, cond)
             pred.float().pow(2).mean().backward()
     finally:
         unet.requires_grad_(False)

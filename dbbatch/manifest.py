@@ -11,6 +11,7 @@ import re
 import string
 import unicodedata
 from pathlib import Path
+import typing
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -282,6 +283,14 @@ class SdxlSettings(_Strict):
     train_text_encoder_2: bool = Field(
         False, description="Also train the second text encoder (OpenCLIP ViT-bigG in SDXL 1.0) when the text encoder "
         "trains (train.train_text_encoder with method full, train.lora.text_encoder with method lora).")
+
+    @field_validator("original_size", "crops_coords_top_left", "target_size", mode="before")
+    @classmethod
+    def _pair(cls, v: Any, info: Any) -> Any:
+        if isinstance(v, (list, tuple)) and len(v) != 2:
+            what = "[top, left]" if info.field_name == "crops_coords_top_left" else "[height, width]"
+            raise ValueError(f"must be {what} (two whole numbers), got {list(v)}")
+        return v
 
 
 class SubjectSettings(_Strict):
@@ -638,6 +647,8 @@ def setting_paths() -> list[str]:
         out = []
         for name, info in model.model_fields.items():
             kind = info.annotation
+            inner = [a for a in typing.get_args(kind) if isinstance(a, type) and issubclass(a, BaseModel)]
+            kind = inner[0] if inner else kind  # an optional section (sdxl) holds settings too
             if isinstance(kind, type) and issubclass(kind, BaseModel):
                 out += walk(kind, f"{prefix}{name}.")
             else:

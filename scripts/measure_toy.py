@@ -184,7 +184,6 @@ def class_drift(model: Any, lora_dir: Path, images: int = 32, seed: int = 0) -> 
     from dbbatch import lora
     from dbbatch.images import to_tensor
     from dbbatch.lora_export import load_lora_folder
-    from dbbatch.sampling import encode_prompts
     from dbbatch.toyworld import render
 
     from PIL import Image
@@ -200,11 +199,11 @@ def class_drift(model: Any, lora_dir: Path, images: int = 32, seed: int = 0) -> 
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=g)
         noisy = scheduler.add_noise(latents, noise, t)
-        states = encode_prompts(model, ["a photo of a square"], "cpu").expand(len(latents), -1, -1)
+        states = model.encode(["a photo of a square"])["encoder_hidden_states"].expand(len(latents), -1, -1)
         base = model.unet(noisy, t, encoder_hidden_states=states).sample
         load_lora_folder(model, lora_dir)
         try:
-            states = encode_prompts(model, ["a photo of a square"], "cpu").expand(len(latents), -1, -1)
+            states = model.encode(["a photo of a square"])["encoder_hidden_states"].expand(len(latents), -1, -1)
             tuned = model.unet(noisy, t, encoder_hidden_states=states).sample
         finally:
             lora.detach(model)

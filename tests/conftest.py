@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -93,6 +94,26 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = run_cli("tiny-model", str(out))
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+# The model families every family-agnostic test runs on: family -> its built-in tiny architecture.
+FAMILY_ARCHS = {"sd": "tiny-sd", "sdxl": "tiny-sdxl"}
+
+
+@pytest.fixture(scope="session")
+def family_model_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    """Each family's built-in tiny model as a diffusers folder (`dbbatch tiny-model --arch`), once per session."""
+    out = tmp_path_factory.mktemp("tiny-sdxl") / "tiny-sdxl"
+    proc = run_cli("tiny-model", "--arch", "tiny-sdxl", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return {"sd": tiny_model_dir, "sdxl": out}
+
+
+def pipeline_class(family: str):
+    """The diffusers pipeline class a user loads a family's folders with."""
+    import diffusers
+
+    return {"sd": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline}[family]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,3 +228,25 @@ def s3(moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> S
     s3fs.S3FileSystem.clear_instance_cache()  # instances (and their listing caches) outlive a reset
     s.fs().mkdir(S3_BUCKET)
     return s
+
+
+def render_stored_samples(pipe, subject_dir: Path, steps: int, guidance_scale: float = 7.5, resolution: int = 32):
+    """(what a user's pipeline makes for the subject's sample grid, the sample PNGs dbbatch stored), as uint8
+    arrays: the prompts and seeds come from samples/prompts.json; one intra-op thread, as the CLI that
+    rendered the stored samples (cli_env), since with two, float sums round differently."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    spec = json.loads((subject_dir / "samples" / "prompts.json").read_text())
+    jobs = [(p, seed, spec["files"][r][c]) for r, p in enumerate(spec["rows"]) for c, seed in enumerate(spec["columns"])]
+    pipe.set_progress_bar_config(disable=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        made = pipe([p for p, _, _ in jobs], num_inference_steps=steps, guidance_scale=guidance_scale, height=resolution,
+                    width=resolution, generator=[torch.Generator().manual_seed(s) for _, s, _ in jobs]).images
+    finally:
+        torch.set_num_threads(threads)
+    stored = [np.asarray(Image.open(subject_dir / "samples" / f).convert("RGB")) for _, _, f in jobs]
+    return [np.asarray(im) for im in made], stored

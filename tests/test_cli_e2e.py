@@ -1,26 +1,30 @@
-"""End to end: `dbbatch run` on a 2-subject manifest produces every promised output, which loads and samples."""
+"""End to end, for each model family: `dbbatch run` on a 2-subject manifest produces every promised output; the
+model folder loads with the family's diffusers pipeline and reproduces dbbatch's own samples."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
 import yaml
 
-from conftest import draw_subject, run_cli, tiny_manifest
+from conftest import FAMILY_ARCHS, draw_subject, pipeline_class, render_stored_samples, run_cli, tiny_manifest
 
 OUTPUTS = ["_SUCCESS", "metrics.json", "config.yaml", "samples/grid.png", "model/model_index.json",
            "model/unet/diffusion_pytorch_model.safetensors", "model/text_encoder/model.safetensors"]
 
 
-def test_run_two_subjects_then_rerun_skips(tmp_path: Path, work_env):
+@pytest.mark.parametrize("family", list(FAMILY_ARCHS))
+def test_run_two_subjects_then_rerun_skips(tmp_path: Path, work_env, family: str):
     draw_subject(tmp_path / "imgs" / "rex", (220, 30, 30))
     draw_subject(tmp_path / "imgs" / "tom", (30, 60, 220), n=2)
     m = tiny_manifest(tmp_path / "m.yaml", "out", [
         {"id": "rex", "token": "sks", "class_noun": "dog", "images": "imgs/rex/"},
         {"id": "tom", "token": "ohwx", "class_noun": "cat", "images": ["imgs/tom/img0.png", "imgs/tom/img1.png"],
          "train": {"max_steps": 4}},
-    ])
+    ], base_model=f"builtin:{FAMILY_ARCHS[family]}")
     proc = run_cli("run", str(m), env=work_env, cwd=Path("/"))  # relative paths resolve against the manifest
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "out"
@@ -37,14 +41,21 @@ def test_run_two_subjects_then_rerun_skips(tmp_path: Path, work_env):
     run_report = json.loads(next((out / "_runs").glob("*.json")).read_text())
     assert [s["status"] for s in run_report["subjects"]] == ["succeeded", "succeeded"]
 
-    # the saved model is a plain diffusers folder that loads and samples
-    import torch
-    from diffusers import StableDiffusionPipeline
+    # the saved model is a plain diffusers folder of the family's pipeline class, with every component it
+    # names; loaded as a user loads it, it makes the very images dbbatch stored as samples
+    index = json.loads((out / "rex" / "model" / "model_index.json").read_text())
+    assert index["_class_name"] == pipeline_class(family).__name__
+    assert all((out / "rex" / "model" / name).is_dir() for name, value in index.items()
+               if isinstance(value, list) and value[0] is not None)
+    pipe = pipeline_class(family).from_pretrained(str(out / "rex" / "model"))
+    made, stored = render_stored_samples(pipe, out / "rex", steps=2)
+    assert all(np.array_equal(a, b) for a, b in zip(made, stored)), "the loaded model renders other images"
+    from dbbatch.models import BUILTIN_VERSION
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(out / "rex" / "model"))
-    img = pipe("a photo of sks dog", num_inference_steps=2, height=32, width=32,
-               generator=torch.Generator().manual_seed(0)).images[0]
-    assert img.size == (32, 32)
+    cached = Path(work_env["DBBATCH_WORK_DIR"]) / "cache" / "models" / f"builtin-{FAMILY_ARCHS[family]}-v{BUILTIN_VERSION}"
+    base = pipeline_class(family).from_pretrained(str(cached))
+    plain, _ = render_stored_samples(base, out / "rex", steps=2)
+    assert not all(np.array_equal(a, b) for a, b in zip(plain, stored)), "the base model makes the same images"
 
     again = run_cli("run", str(m), env=work_env)
     assert again.returncode == 0, again.stderr

@@ -172,7 +172,7 @@ MANIFEST_CASES = [
         "m.yaml: ouptut: unknown key; did you mean 'output'?"]),
     ManifestCase("unknown-key", doc(subject(colour="brown")), 2, [
         "m.yaml: subjects[0].colour: unknown key; allowed here: resolution, instance_prompt, class_prompt, train, "
-        "priors, samples, evaluation, id, token, class_noun, images, sweep"]),
+        "priors, samples, evaluation, sdxl, id, token, class_noun, images, sweep"]),
     ManifestCase("missing-key", {"subjects": [subject()]}, 2, [
         "m.yaml: output: required key is missing (Where results go: a local path or fsspec URL.)"]),
     ManifestCase("wrong-type-number", doc(subject(train={"max_steps": "many"})), 2, [
@@ -229,14 +229,37 @@ MANIFEST_CASES = [
         "m.yaml: output: unsupported location 's4://bucket/out': Protocol not known: s4; did you mean 's3://'?"]),
     ManifestCase("base-model-missing", doc(base_model="./no-such-model"), 2, [
         "m.yaml: base_model './no-such-model': no such folder ({dir}/no-such-model); give a diffusers folder, a "
-        "built-in model (builtin:tiny-sd, builtin:small-sd, builtin:sd15, builtin:toy-sd) or a hub id (org/name)"]),
+        "built-in model (builtin:tiny-sd, builtin:small-sd, builtin:sd15, builtin:tiny-sdxl, builtin:sdxl, builtin:toy-sd) or a hub id (org/name)"]),
     ManifestCase("base-model-typo", doc(base_model="bulitin:tiny-sd"), 2, [
         "m.yaml: base_model 'bulitin:tiny-sd': no such folder ({dir}/bulitin:tiny-sd); give a diffusers folder, a "
-        "built-in model (builtin:tiny-sd, builtin:small-sd, builtin:sd15, builtin:toy-sd) or a hub id (org/name); did you mean "
+        "built-in model (builtin:tiny-sd, builtin:small-sd, builtin:sd15, builtin:tiny-sdxl, builtin:sdxl, builtin:toy-sd) or a hub id (org/name); did you mean "
         "'builtin:tiny-sd'?"]),
     ManifestCase("base-model-not-diffusers", doc(base_model="./weights"), 2, [
-        "m.yaml: base_model './weights': not a diffusers folder (no model_index.json); use a Stable Diffusion 1.x/2.x "
-        "folder saved with save_pretrained"], setup=not_diffusers_folder),
+        "m.yaml: base_model './weights': not a diffusers folder (no model_index.json); use a folder saved with "
+        "save_pretrained of StableDiffusionPipeline (Stable Diffusion 1.x/2.x), StableDiffusionXLPipeline (Stable "
+        "Diffusion XL)"], setup=not_diffusers_folder),
+    ManifestCase("base-model-unsupported-pipeline-class", doc(base_model="./flux"), 2, [
+        "m.yaml: base_model './flux': its pipeline class 'FluxPipeline' (model_index.json _class_name) is not supported; "
+        "dbbatch trains StableDiffusionPipeline (Stable Diffusion 1.x/2.x), StableDiffusionXLPipeline (Stable Diffusion XL)"],
+        setup=lambda d: (fake_sd_folder(d, "flux"), (d / "flux" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}'))),
+    ManifestCase("sdxl-keys-on-an-sd-model", doc(subject(sdxl={"original_size": [1024, 1024]})), 2, [
+        "m.yaml: subjects[0].sdxl: applies to Stable Diffusion XL base models only, but base_model builtin:tiny-sd is "
+        "Stable Diffusion 1.x/2.x (StableDiffusionPipeline); remove it"]),
+    ManifestCase("sdxl-keys-in-defaults-on-an-sd-model", doc(defaults={"sdxl": {"train_text_encoder_2": False}}), 2, [
+        "m.yaml: defaults.sdxl: applies to Stable Diffusion XL base models only, but base_model builtin:tiny-sd is "
+        "Stable Diffusion 1.x/2.x (StableDiffusionPipeline); remove it"]),
+    ManifestCase("sdxl-size-not-a-pair", doc(subject(sdxl={"original_size": [1024]}), base_model="builtin:tiny-sdxl"), 2, [
+        "m.yaml: subjects[0].sdxl.original_size: must be [height, width] (two whole numbers), got [1024]"]),
+    ManifestCase("sdxl-size-zero", doc(subject(sdxl={"target_size": [0, 64]}), base_model="builtin:tiny-sdxl"), 2, [
+        "m.yaml: subjects[0].sdxl.target_size[0]: must be > 0, got 0"]),
+    ManifestCase("sdxl-crop-negative", doc(subject(sdxl={"crops_coords_top_left": [-1, 0]}), base_model="builtin:tiny-sdxl"), 2, [
+        "m.yaml: subjects[0].sdxl.crops_coords_top_left[0]: must be >= 0, got -1"]),
+    ManifestCase("sdxl-key-typo", doc(subject(sdxl={"orig_size": [64, 64]}), base_model="builtin:tiny-sdxl"), 2, [
+        "m.yaml: subjects[0].sdxl.orig_size: unknown key; did you mean 'original_size'?"]),
+    ManifestCase("sdxl-text-encoder-2-without-the-text-encoder",
+                 doc(subject(train={"method": "lora"}, sdxl={"train_text_encoder_2": True}), base_model="builtin:tiny-sdxl"), 2, [
+        "m.yaml: subjects[0].sdxl.train_text_encoder_2: trains the second text encoder beside the first, but "
+        "train.lora.text_encoder is false; set train.lora.text_encoder: true or remove sdxl.train_text_encoder_2"]),
     ManifestCase("base-model-broken-tokenizer", doc(base_model="./broken"), 2, [
         "m.yaml: base_model './broken': the tokenizer in {dir}/broken/tokenizer cannot be loaded (Error while "
         "initializing BPE: expected value at line 1 column 1); the folder is incomplete or damaged: save the pipeline again"],
@@ -380,7 +403,7 @@ MANIFEST_CASES = [
         "method lora); set train.method: lora or remove train.lora (and 3 more variant(s) of this sweep)"]),
     ManifestCase("sweep-in-defaults", doc(defaults={"sweep": {"train.seed": [1, 2]}}), 2, [
         "m.yaml: defaults.sweep: unknown key; allowed here: resolution, instance_prompt, class_prompt, train, priors, "
-        "samples, evaluation"]),
+        "samples, evaluation, sdxl"]),
     ManifestCase("sweep-variant-id-too-long", doc(subject(id="a" * 63, sweep={"train.text_encoder_learning_rate": [1e-4], "priors.guidance_scale": [1.5], "samples.guidance_scale": [3.0], "train.with_prior_preservation": [True]})), 2, [
         "m.yaml: subjects[0].sweep: the variant id '" + "a" * 63 + "~te_lr=1e-4,priors.guidance_scale=1.5,"
         "samples.guidance_scale=3,prior=true' is 136 characters long, at most 128; shorten the subject's id or sweep "

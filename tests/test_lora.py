@@ -22,11 +22,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import cli_env, draw_subject, run_cli, start_at_fault, tiny_manifest
+from conftest import FAMILY_ARCHS, cli_env, draw_subject, pipeline_class, render_stored_samples, run_cli, start_at_fault, tiny_manifest
 from dbbatch.lora import PRESETS, adaptable_layers, resolve_targets
 
 STEPS = 12
@@ -115,13 +114,17 @@ def test_only_the_adapters_train_and_removing_them_restores_the_base_bitwise(tmp
 # -- a real run: files, formats, clean base between subjects -------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dir: Path) -> dict[str, Path]:
-    """rex: adapters on every linear and conv layer and on the text encoder; kim: the default preset with
-    priors.source base_model. Then kim alone, and rex once more with model_format full."""
-    tmp = tmp_path_factory.mktemp("lora-runs")
-    base = str(tiny_model_dir)
+@pytest.fixture(scope="module", params=list(FAMILY_ARCHS))
+def runs(request, tmp_path_factory, family_model_dirs) -> dict:
+    """For each family: rex: adapters on every linear and conv layer and on the text encoder (both of SDXL's);
+    kim: the default preset with priors.source base_model. Then kim alone, and rex once more with model_format
+    full."""
+    family = request.param
+    tmp = tmp_path_factory.mktemp(f"lora-runs-{family}")
+    base = str(family_model_dirs[family])
     rex = {"id": "rex", "train": {"lora": {**LORA, "target": "all-linear+conv", "text_encoder": True}}}
+    if family == "sdxl":
+        rex["sdxl"] = {"train_text_encoder_2": True}
     kim = {"id": "kim", "priors": {"source": "base_model"}}
     outs = {}
     for name, subjects, top in (("both", [rex, kim], {}), ("kim-alone", [kim], {}), ("merged", [rex], {"model_format": "full"})):
@@ -130,42 +133,23 @@ def runs(tmp_path_factory, tiny_model_dir: Path) -> dict[str, Path]:
         assert proc.returncode == 0, proc.stderr
         outs[name] = tmp / name
         outs[f"{name}-log"] = proc.stderr
+    outs.update(family=family, base=Path(base))
     return outs
 
 
-def _pipeline(tiny_model_dir: Path):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None, requires_safety_checker=False)
+def _pipeline(folder: Path, family: str):
+    return pipeline_class(family).from_pretrained(str(folder))
 
 
 def _render(pipe, out: Path, subject: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(what dbbatch's sampler makes with this pipeline's modules, the sample PNGs dbbatch stored)."""
-    from dbbatch.models import BaseModel
-    from dbbatch.sampling import generate
-
-    model = BaseModel(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                      scheduler_config=dict(pipe.scheduler.config), identity="", source="")
-    spec = json.loads((out / subject / "samples" / "prompts.json").read_text())
-    jobs = [(p, seed, spec["files"][r][c]) for r, p in enumerate(spec["rows"]) for c, seed in enumerate(spec["columns"])]
-    import torch
-
-    # one intra-op thread, as the CLI that rendered the stored samples (conftest.cli_env): with two, float sums
-    # round differently and a pixel can come out one level off
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        made = generate(model, [p for p, _, _ in jobs], [s for _, s, _ in jobs], 32, 3, 7.5, batch_size=8)
-    finally:
-        torch.set_num_threads(threads)
-    stored = [np.asarray(Image.open(out / subject / "samples" / f).convert("RGB")) for _, _, f in jobs]
-    return [np.asarray(im) for im in made], stored
+    """(what the user's pipeline makes for the subject's sample grid, the sample PNGs dbbatch stored)."""
+    return render_stored_samples(pipe, out / subject, steps=3)
 
 
 @pytest.mark.parametrize("subject,weight_name", [("rex", "pytorch_lora_weights.safetensors"), ("rex", "rex.safetensors"),
                                                  ("kim", "pytorch_lora_weights.safetensors"), ("kim", "kim.safetensors")])
-def test_both_files_load_with_diffusers_and_reproduce_the_samples(runs, tiny_model_dir: Path, subject: str, weight_name: str):
-    pipe = _pipeline(tiny_model_dir)
+def test_both_files_load_with_diffusers_and_reproduce_the_samples(runs, subject: str, weight_name: str):
+    pipe = _pipeline(runs["base"], runs["family"])
     plain, stored = _render(pipe, runs["both"], subject)
     assert any(not np.array_equal(a, b) for a, b in zip(plain, stored)), "the base model alone makes the same images"
     pipe.load_lora_weights(str(runs["both"] / subject / "lora"), weight_name=weight_name)
@@ -180,7 +164,11 @@ A1111_LAYER_RULES = [
     r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)",
     r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv",
     r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", r"lora_te_text_model_encoder_layers_(\d+)_(.+)",
+    # SDXL (the same file's lora_te1_text_model -> 0_transformer_text_model, lora_te2_text_model_encoder_layers ->
+    # 1_model_transformer_resblocks): its two text encoders
+    r"lora_te1_text_model_encoder_layers_(\d+)_(.+)", r"lora_te2_text_model_encoder_layers_(\d+)_(.+)",
 ]
+KOHYA_TEXT_PREFIXES = {"sd": {"text_encoder": "lora_te_"}, "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}}
 A1111_PARTS = {"lora_down.weight", "lora_up.weight", "alpha"}  # network_lora.py: the keys a LoRA module needs
 
 
@@ -197,9 +185,10 @@ def test_kohya_file_follows_the_a1111_naming_rules_and_carries_its_metadata(runs
         layers.setdefault(layer, {})[part] = value
     from dbbatch.models import load_base_model
 
-    model = load_base_model("builtin:tiny-sd", None, runs["both"].parent / "cache", None)
+    model = load_base_model(str(runs["base"]), None, runs["both"].parent / "cache", None)
     unet_layers = {"lora_unet_" + n.replace(".", "_"): n for n in resolve_targets(adaptable_layers(model.unet), "all-linear+conv")[0]}
-    te_layers = {"lora_te_text_model_" + n.replace(".", "_") for n in adaptable_layers(model.text_encoder)
+    te_layers = {prefix + "text_model_" + n.replace(".", "_")
+                 for name, prefix in KOHYA_TEXT_PREFIXES[runs["family"]].items() for n in adaptable_layers(getattr(model, name))
                  if n.endswith(("q_proj", "k_proj", "v_proj", "out_proj"))}
     assert set(layers) == set(unet_layers) | te_layers  # every adapted layer, named after the model's own module
     for layer, parts in layers.items():
@@ -211,7 +200,7 @@ def test_kohya_file_follows_the_a1111_naming_rules_and_carries_its_metadata(runs
     assert convs, "all-linear+conv adapted no conv layer"
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_network_module"]) == ("4", "8", "networks.lora")
     assert meta["dbbatch.token"] == "sks" and meta["dbbatch.trigger_prompt"] == "a photo of sks dog"
-    assert meta["ss_sd_model_name"].endswith("tiny-sd") and meta["dbbatch.base_model_identity"]
+    assert meta["ss_sd_model_name"].endswith(FAMILY_ARCHS[runs["family"]]) and meta["dbbatch.base_model_identity"]
 
 
 def test_outputs_metrics_and_model_card(runs):
@@ -239,17 +228,15 @@ def test_the_next_subject_starts_from_the_clean_base(runs):
     assert _differing(_adapters(runs["both"], "kim"), {k: torch.zeros_like(v) for k, v in _adapters(runs["both"], "kim").items()})
 
 
-def test_model_format_full_writes_the_adapters_merged_into_a_pipeline(runs, tiny_model_dir: Path):
-    from diffusers import StableDiffusionPipeline
-
+def test_model_format_full_writes_the_adapters_merged_into_a_pipeline(runs):
     rex = runs["merged"] / "rex"
     assert (rex / "lora" / "rex.safetensors").is_file() and (rex / "model" / "model_index.json").is_file()
     assert not _differing(_adapters(runs["merged"]), _adapters(runs["both"]))
-    pipe = StableDiffusionPipeline.from_pretrained(str(rex / "model"), safety_checker=None, requires_safety_checker=False)
+    pipe = _pipeline(rex / "model", runs["family"])
     made, stored = _render(pipe, runs["merged"], "rex")
     diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(made, stored))
     assert diff <= 3, f"the merged model renders other images (max difference {diff}/255)"
-    plain, _ = _render(_pipeline(tiny_model_dir), runs["merged"], "rex")
+    plain, _ = _render(_pipeline(runs["base"], runs["family"]), runs["merged"], "rex")
     assert max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(plain, stored)) > 3
 
 

@@ -81,13 +81,14 @@ class World:
             draw_subject(root / "imgs" / sid, color=COLORS[sid])
         draw_subject(root / "imgs" / "tom-other", color=(240, 200, 0))
 
-    def manifest(self, name: str, per_step: int = 3, train: dict | None = None, images: dict | None = None) -> Path:
+    def manifest(self, name: str, per_step: int = 3, train: dict | None = None, images: dict | None = None,
+                 base_model: str = "builtin:tiny-sd") -> Path:
         subjects = [{"id": sid, "token": "sks", "class_noun": "dog", "images": (images or {}).get(sid, f"imgs/{sid}/"),
                      "train": {"seed": i}} for i, sid in enumerate(IDS)]
         t = {"method": "lora", "max_steps": 6, "checkpoint_every": 2, "batch_size": 2, "learning_rate": 3e-3,
              "lr_scheduler": "cosine", "lr_warmup_steps": 2, "weight_decay": 0.05, "lora": {"rank": 4, "alpha": 8},
              **(train or {})}
-        return tiny_manifest(self.root / f"{name}.yaml", name, subjects, packing={"subjects_per_step": per_step},
+        return tiny_manifest(self.root / f"{name}.yaml", name, subjects, packing={"subjects_per_step": per_step}, base_model=base_model,
                              defaults={"resolution": 32, "train": t, "priors": {"num_images": 2, "steps": 2, "batch_size": 2},
                                        "samples": {"prompts": ["a photo of {token} {class_noun}"], "seeds": [0], "steps": 2}})
 
@@ -156,6 +157,19 @@ def test_a_packed_cohort_equals_solo_runs_and_the_test_catches_a_batch_mean_or_a
         out, _ = world.run(f"variant-{variant}", faults=f"packing_variant={variant}", train={"max_grad_norm": clip})
         worst = max(gap(out, solo, sid) for sid in IDS)
         assert worst > 100 * TOL, f"the {variant} variant went unnoticed ({worst:.2e})"
+
+
+def test_an_sdxl_cohort_equals_solo_runs_and_the_test_catches_a_batch_mean(world):
+    """Packing on the SDXL family: the conditioning a member carries (two encoders, pooled projection, size ids)
+    goes with its rows of the packed batch."""
+    sdxl = {"base_model": "builtin:tiny-sdxl"}
+    packed, _ = world.run("sdxl-packed", **sdxl)
+    solo, _ = world.run("sdxl-solo", per_step=1, **sdxl)
+    for sid in IDS:
+        assert gap(packed, solo, sid) < TOL, sid
+        assert metrics(packed, sid)["cohort"]["size"] == 3 and "cohort" not in metrics(solo, sid)
+    out, _ = world.run("sdxl-batch-mean", faults="packing_variant=batch_mean", **sdxl)
+    assert max(gap(out, solo, sid) for sid in IDS) > 100 * TOL
 
 
 def test_another_subjects_photos_change_no_other_adapter(world, reference, clip):
@@ -324,12 +338,12 @@ def test_kernels_per_step_do_not_grow_with_the_number_of_subjects(tmp_path: Path
             states.append({n: v.detach().clone() for n, v in adapter_state(model.unet).items()})
             detach(model)
             lat = (torch.randn(2, 4, 4, 4), torch.ones(2, 4, 4, 4))
-            text = torch.randn(1, 77, model.text_encoder.config.hidden_size)
+            text = {"encoder_hidden_states": torch.randn(1, 77, model.text_encoder.config.hidden_size)}
             members.append(Member(f"s{i}", i, lat, lat, text, text))
         model.freeze()
         attach_packed(model.unet, states, names, 4, 4.0, 0.0)
-        module = CohortModule(model.unet, members, cfg, model.scheduler_config, 0.18215, {})
-        batch = CohortData(members, 1, module.noise_scheduler, 0.18215)[0]
+        module = CohortModule(model.unet, members, cfg, model.scheduler_config, 0.18215, {}, family=model.family)
+        batch = CohortData(members, 1, module.noise_scheduler, 0.18215, model.family)[0]
         module.member_loss(batch).sum().backward()  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             module.member_loss(batch).sum().backward()

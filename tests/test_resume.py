@@ -1,4 +1,5 @@
-"""Preemption safety: SIGKILL at a chosen step then rerun == uninterrupted run, bit for bit; SIGTERM -> 143."""
+"""Preemption safety, for each model family: SIGKILL at a chosen step then rerun == uninterrupted run, bit for
+bit; SIGTERM -> 143."""
 
 from __future__ import annotations
 
@@ -13,21 +14,28 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cli_env, draw_subject, run_cli, start_at_fault, tiny_manifest
+from conftest import FAMILY_ARCHS, cli_env, draw_subject, run_cli, start_at_fault, tiny_manifest
 from dbbatch.models import BUILTIN_VERSION
 
 STEPS, EVERY = 12, 4
 
 
-def _manifest(tmp: Path, name: str, train_text_encoder: bool = False, every: int = EVERY, **train) -> Path:
+# The text encoders a subject with train_text_encoder trains, per family (SDXL: both, sdxl.train_text_encoder_2).
+TEXT_ENCODERS = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
+
+
+def _manifest(tmp: Path, name: str, train_text_encoder: bool = False, every: int = EVERY, family: str = "sd", **train) -> Path:
     if not (tmp / "imgs" / "rex").exists():
         draw_subject(tmp / "imgs" / "rex")  # 3 images: an epoch is 3 steps, so kills land mid-epoch
+    defaults = {"resolution": 32,
+                "train": {"max_steps": STEPS, "checkpoint_every": every, "learning_rate": 1e-4,
+                          "train_text_encoder": train_text_encoder, **train},
+                "priors": {"num_images": 2, "steps": 2, "batch_size": 2},
+                "samples": {"prompts": ["a photo of {token} {class_noun}"], "seeds": [0], "steps": 2}}
+    if family == "sdxl" and train_text_encoder:
+        defaults["sdxl"] = {"train_text_encoder_2": True}
     return tiny_manifest(tmp / f"{name}.yaml", name, [{"id": "rex", "token": "sks", "class_noun": "dog", "images": "imgs/rex/"}],
-                         defaults={"resolution": 32,
-                                   "train": {"max_steps": STEPS, "checkpoint_every": every, "learning_rate": 1e-4,
-                                             "train_text_encoder": train_text_encoder, **train},
-                                   "priors": {"num_images": 2, "steps": 2, "batch_size": 2},
-                                   "samples": {"prompts": ["a photo of {token} {class_noun}"], "seeds": [0], "steps": 2}})
+                         defaults=defaults, base_model=f"builtin:{FAMILY_ARCHS[family]}")
 
 
 def _trained(out: Path, component: str = "unet") -> dict[str, torch.Tensor]:
@@ -40,22 +48,28 @@ def _losses(out: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[bool, Path]:
-    """Reference runs without interruption, with and without text-encoder training."""
+def uninterrupted(tmp_path_factory):
+    """Reference runs without interruption, per (train_te, family), each made when a test first asks for it."""
     tmp = tmp_path_factory.mktemp("reference")
-    outs = {}
-    for te in (False, True):
-        name = f"ref-te{int(te)}"
-        proc = run_cli("run", str(_manifest(tmp, name, te)), env=cli_env(DBBATCH_WORK_DIR=str(tmp / f"w-{name}")))
-        assert proc.returncode == 0, proc.stderr
-        outs[te] = tmp / name
-    return outs
+    outs: dict[tuple[bool, str], Path] = {}
+
+    def reference(te: bool, family: str = "sd") -> Path:
+        if (te, family) not in outs:
+            name = f"ref-{family}-te{int(te)}"
+            proc = run_cli("run", str(_manifest(tmp, name, te, family=family)), env=cli_env(DBBATCH_WORK_DIR=str(tmp / f"w-{name}")))
+            assert proc.returncode == 0, proc.stderr
+            outs[(te, family)] = tmp / name
+        return outs[(te, family)]
+
+    return reference
 
 
 # An epoch is 3 steps (3 instance images): step 4 and 8 checkpoints are mid-epoch, step 6 one is at an epoch's end.
-@pytest.mark.parametrize("kill_step,every,train_te", [(5, 4, False), (7, 3, False), (10, 4, True)])
-def test_sigkill_then_rerun_is_bitwise_identical(tmp_path: Path, uninterrupted, kill_step: int, every: int, train_te: bool):
-    m = _manifest(tmp_path, "killed", train_te, every=every)
+@pytest.mark.parametrize("family,kill_step,every,train_te", [("sd", 5, 4, False), ("sd", 7, 3, False), ("sd", 10, 4, True),
+                                                            ("sdxl", 7, 3, False), ("sdxl", 10, 4, True)])
+def test_sigkill_then_rerun_is_bitwise_identical(tmp_path: Path, uninterrupted, family: str, kill_step: int, every: int,
+                                                 train_te: bool):
+    m = _manifest(tmp_path, "killed", train_te, every=every, family=family)
     proc, _ = start_at_fault(m, tmp_path / "pod1", f"pause_at_step={kill_step}")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -70,21 +84,23 @@ def test_sigkill_then_rerun_is_bitwise_identical(tmp_path: Path, uninterrupted, 
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming from {tmp_path / 'killed' / 'rex' / 'checkpoints' / f'step-{last:07d}.ckpt'}" in rerun.stderr
     assert "generating" not in rerun.stderr  # priors were stored before the kill
-    ref, got = uninterrupted[train_te], tmp_path / "killed"
-    for component in ("unet", "text_encoder") if train_te else ("unet",):
+    ref, got = uninterrupted(train_te, family), tmp_path / "killed"
+    for component in ("unet", *TEXT_ENCODERS[family]) if train_te else ("unet",):
         a, b = _trained(ref, component), _trained(got, component)
         assert a.keys() == b.keys()
         differing = [k for k in a if not torch.equal(a[k], b[k])]
         assert not differing, f"{len(differing)} {component} tensors differ, e.g. {differing[:3]}"
-    if train_te:  # and the text encoder really was trained
-        base = load_file(str(tmp_path / "pod2" / "cache" / "models" / f"builtin-tiny-sd-v{BUILTIN_VERSION}" / "text_encoder" / "model.safetensors"))
-        assert any(not torch.equal(base[k], _trained(got, "text_encoder")[k]) for k in base)
+    for name in TEXT_ENCODERS[family] if train_te else ():  # and the text encoders really were trained
+        cached = tmp_path / "pod2" / "cache" / "models" / f"builtin-{FAMILY_ARCHS[family]}-v{BUILTIN_VERSION}"
+        base = load_file(str(cached / name / "model.safetensors"))
+        assert any(not torch.equal(base[k], _trained(got, name)[k]) for k in base), name
     assert _losses(got) == _losses(ref)
     assert json.loads((got / "rex" / "metrics.json").read_text())["resumed_from_step"] == last
 
 
-def test_sigterm_stores_a_checkpoint_and_exits_143(tmp_path: Path, uninterrupted):
-    m = _manifest(tmp_path, "termed")
+@pytest.mark.parametrize("family", list(FAMILY_ARCHS))
+def test_sigterm_stores_a_checkpoint_and_exits_143(tmp_path: Path, uninterrupted, family: str):
+    m = _manifest(tmp_path, "termed", family=family)
     proc, _ = start_at_fault(m, tmp_path / "pod1", "pause_at_step=7")
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -102,7 +118,7 @@ def test_sigterm_stores_a_checkpoint_and_exits_143(tmp_path: Path, uninterrupted
     rerun = run_cli("run", str(m), env=cli_env(DBBATCH_WORK_DIR=str(tmp_path / "pod2")))
     assert rerun.returncode == 0, rerun.stderr
     assert "step-0000008.ckpt" in rerun.stderr
-    a, b = _trained(uninterrupted[False]), _trained(tmp_path / "termed")
+    a, b = _trained(uninterrupted(False, family)), _trained(tmp_path / "termed")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -153,9 +169,10 @@ def test_resume_warns_on_changed_settings_and_restarts_for_another_base_model(tm
     assert "Traceback" not in restarted.stderr
 
 
-def test_killed_pod_resumes_from_the_bucket(tmp_path: Path, s3, uninterrupted):
+@pytest.mark.parametrize("family", list(FAMILY_ARCHS))
+def test_killed_pod_resumes_from_the_bucket(tmp_path: Path, s3, uninterrupted, family: str):
     """Output on the moto S3 endpoint: SIGKILL, then a new pod (empty work dir) resumes from the bucket."""
-    m = _manifest(tmp_path, "on-s3")
+    m = _manifest(tmp_path, "on-s3", family=family)
     m.write_text(m.read_text().replace("output: on-s3", f"output: {s3.url('out')}"))
     marker = tmp_path / "paused"
     env = s3.env(DBBATCH_WORK_DIR=str(tmp_path / "pod1"), DBBATCH_FAULTS="pause_at_step=6", DBBATCH_FAULT_MARKER=str(marker))
@@ -173,6 +190,6 @@ def test_killed_pod_resumes_from_the_bucket(tmp_path: Path, s3, uninterrupted):
     got = tmp_path / "got"
     got.mkdir()
     (got / "model.safetensors").write_bytes(s3.read("out", "rex", "model", "unet", "diffusion_pytorch_model.safetensors"))
-    a, b = _trained(uninterrupted[False]), load_file(str(got / "model.safetensors"))
+    a, b = _trained(uninterrupted(False, family)), load_file(str(got / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not any("checkpoints" in k for k in s3.keys("out", "rex")), "checkpoints are removed once the subject is done"

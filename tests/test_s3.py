@@ -19,10 +19,11 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, S3, draw_subject, free_port, run_cli, tiny_manifest
+from conftest import FAMILY_ARCHS, REPO, S3, draw_subject, free_port, pipeline_class, render_stored_samples, run_cli, tiny_manifest
 
 OUTPUTS = ["_SUCCESS", "_stage.json", "metrics.json", "config.yaml", "samples/grid.png", "samples/prompts.json",
            "model/model_index.json", "model/unet/diffusion_pytorch_model.safetensors",
@@ -118,8 +119,9 @@ def _manifest(tmp_path: Path, name: str, s3: S3, subjects: list[dict], **overrid
 
 
 @pytest.mark.slow
-def test_run_with_everything_on_s3_then_a_second_manifest_reuses_priors(s3: S3, tmp_path: Path, tiny_model_dir: Path):
-    model_url = s3.put_dir(tiny_model_dir, "models", "tiny")
+@pytest.mark.parametrize("family", list(FAMILY_ARCHS))
+def test_run_with_everything_on_s3_then_a_second_manifest_reuses_priors(s3: S3, tmp_path: Path, family_model_dirs, family: str):
+    model_url = s3.put_dir(family_model_dirs[family], "models", "tiny")
     m = _manifest(tmp_path, "m", s3, [{"id": "rex", "token": "sks", "class_noun": "dog", "images": _photos(s3, tmp_path, "rex")}],
                   base_model=model_url, prior_cache=s3.url("priors"))
     started = time.monotonic()
@@ -148,17 +150,13 @@ def test_run_with_everything_on_s3_then_a_second_manifest_reuses_priors(s3: S3, 
     assert len(cached) == 1 and (cached[0] / ".complete").read_text().strip() == model_url
     assert f"base model {model_url}: downloading" in proc.stderr
 
-    # the stored model is a plain diffusers folder: download it and load it with diffusers
-    import torch
-    from diffusers import StableDiffusionPipeline
-
+    # the stored model is a plain diffusers folder: download it and load it with the family's pipeline; it
+    # makes the samples dbbatch stored
     local = tmp_path / "downloaded"
-    s3.fs().get(s3.url("out", "rex", "model") + "/", str(local), recursive=True)
-    pipe = StableDiffusionPipeline.from_pretrained(str(local))
-    pipe.set_progress_bar_config(disable=True)
-    img = pipe("a photo of sks dog", num_inference_steps=2, height=32, width=32,
-               generator=torch.Generator().manual_seed(0)).images[0]
-    assert img.size == (32, 32)
+    s3.fs().get(s3.url("out", "rex") + "/", str(local), recursive=True)
+    pipe = pipeline_class(family).from_pretrained(str(local / "model"))
+    made, stored = render_stored_samples(pipe, local, steps=2)
+    assert all(np.array_equal(a, b) for a, b in zip(made, stored))
 
     # another manifest, another output, a subject of the same class: its priors come from the cache, and
     # the base model from the local download (same work dir: a second pod on the same node)
