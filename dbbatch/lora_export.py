@@ -136,7 +136,7 @@ def load_lora_folder(model: Any, folder: Path) -> None:
 
 
 def model_card(subject: Any, model: Any, steps: int, files: dict[str, int], grid: Optional[str],
-               evaluation: Optional[dict[str, Any]] = None) -> str:
+               evaluation: Optional[dict[str, Any]] = None, resolution: Optional[int] = None) -> str:
     """README.md of the lora/ folder, with the Hub's YAML header (pure). `evaluation`: metrics.json's, whose
     published step's scores (and the base model's) the card lists."""
     lora = subject.train.lora
@@ -163,6 +163,10 @@ def model_card(subject: Any, model: Any, steps: int, files: dict[str, int], grid
         rows.append((f"Scores at step {evaluation.get('published_step')}", scores + (
             f"; flagged: {'; '.join(evaluation['flags'])}" if evaluation.get("flags") else "")))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    # the call that renders as the subject's samples did: its guidance, and the family's own inputs (SDXL's sizes)
+    options = model.family.render_options(model.family.settings_of(subject), resolution or 0, subject.samples.negative_prompt)
+    call = "".join(f", {k}={v!r}" for k, v in options.items() if v is not None and v != "" and resolution)
+    call = f", guidance_scale={subject.samples.guidance_scale:g}{call}"
     sizes = "\n".join(f"- `{name}`: {size / 1e6:.2f} MB" for name, size in sorted(files.items()))
     return f"""---
 {yaml.safe_dump(header, sort_keys=False).strip()}
@@ -187,7 +191,7 @@ Prompt with `{subject.instance_prompt}`.
 from diffusers import {model.family.pipeline_class}
 pipe = {model.family.pipeline_class}.from_pretrained("<the base model>")
 pipe.load_lora_weights("<this folder>")  # {DIFFUSERS_FILE}
-image = pipe("{subject.instance_prompt}").images[0]
+image = pipe("{subject.instance_prompt}"{call}).images[0]
 ```
 
 ## AUTOMATIC1111, ComfyUI

@@ -36,7 +36,7 @@ def make_trainable(model: Any, subject: Any) -> Trainable:
 
         count = attach(model, train.lora, train.seed, subject.id, text)
     else:
-        model.snapshot()  # the base weights, to restore once this subject is done (first time only)
+        model.snapshot(("unet", *text))  # the base weights, to restore once this subject is done (first time only)
         parts = [model.unet] + [getattr(model, name) for name in text]
         for part in parts:
             part.requires_grad_(True)

@@ -288,17 +288,15 @@ class BaseModel:
     def prediction_type(self) -> str:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
-    def snapshot(self) -> None:
-        """Keep an in-memory (CPU) copy of the weights that full fine-tuning changes, to restore between
-        subjects. Taken before the first subject that changes them (a LoRA-only batch never needs one); marks
-        the weights as about to change, so `restore` puts them back."""
+    def snapshot(self, names: tuple[str, ...] = ("unet",)) -> None:
+        """Keep an in-memory (CPU) copy of the components `names` that full fine-tuning is about to change, to
+        restore between subjects. Each is copied before the first subject that changes it (a LoRA-only batch
+        never needs one; SDXL's second text encoder, 2.8 GB, only when it trains); marks the weights as about
+        to change, so `restore` puts them back."""
         self._changed = True
-        if self._initial:
-            return
-        self._initial = {
-            name: {k: v.detach().to("cpu", copy=True) for k, v in getattr(self, name).state_dict().items()}
-            for name in self.trainable_parts
-        }
+        for name in names:
+            if name not in self._initial:
+                self._initial[name] = {k: v.detach().to("cpu", copy=True) for k, v in getattr(self, name).state_dict().items()}
 
     def restore(self) -> None:
         """Put the base weights back (after a subject changed them); never reloads from disk or the store."""
@@ -561,12 +559,21 @@ def load_base_model(source: str, base_dir: Optional[Path], cache_dir: Path, stor
         with cache_lock(cache_dir / "models" / "remote"):
             folder = fetch_remote_folder(where, cache_dir, storage)
         return load_folder(folder, source)
+    from dbbatch import families
+
     try:
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(where, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+        index = Path(snapshot_download(where, allow_patterns=["model_index.json"]))
     except Exception as e:  # noqa: BLE001 - any hub failure is one clear error
         raise ModelError(f"base_model {source!r}: not a local folder, and the hub could not provide it ({type(e).__name__})") from None
+    family = families.of_folder(index, source)
+    try:  # only the family's components, in safetensors, full precision: no single-file checkpoints or .fp16 copies
+        folder = Path(snapshot_download(where, allow_patterns=["model_index.json"] + [
+            f"{c}/{pattern}" for c in family.components for pattern in ("*.json", "*.txt", "*.safetensors")],
+            ignore_patterns=["*.fp16.*", "*.bin", "*.ckpt"]))
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"base_model {source!r}: the hub could not provide its files ({type(e).__name__})") from None
     return load_folder(folder, source)
 
 

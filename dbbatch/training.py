@@ -298,6 +298,12 @@ class DreamBoothModule(pl.LightningModule):
         if self.loader is not None:  # runs in every rank: each one trains its share of the samples
             self.loader.sampler.shard(self.global_rank, self.trainer.world_size)
 
+    def on_fit_start(self) -> None:
+        # The module is on its device now (in a DDP rank too); frozen text encoders are not registered
+        # submodules, so they follow by hand (SDXL training the first encoder and not the second).
+        for encoder in self.encoders:
+            encoder.to(self.device)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         from dbbatch import faults
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,19 +93,25 @@ def model_geometry(base_model: str, base_dir: Optional[Path], storage: Any, chec
     return factor, int(unet.get("sample_size", 64)) * factor
 
 
+def resolution_step(factor: int) -> int:
+    """What a resolution must be a multiple of: latents of whole pixels (the VAE's scale factor: 8 for Stable
+    Diffusion, 2 for builtin:tiny-sd), rendered by diffusers' pipelines (multiples of 8)."""
+    return math.lcm(factor, 8)
+
+
 def resolution_problems(manifest: Manifest, factor: int, native: int) -> list[str]:
-    """Training and sampling need latents of whole pixels: the resolution must be a multiple of the VAE's
-    scale factor (8 for Stable Diffusion, 2 for builtin:tiny-sd). Reported where the value is set."""
+    """Resolutions that are not a multiple of `resolution_step`, reported where the value is set."""
     problems: list[str] = []
+    step = resolution_step(factor)
     for i, s in enumerate(manifest.subjects):
         where = f"{where_of(manifest, i)}.resolution" if s.resolution is not None else "defaults.resolution"
         res = s.resolution if s.resolution is not None else manifest.defaults.resolution
-        if res is None or res % factor == 0:
+        if res is None or res % step == 0:
             continue
-        lower, upper = res - res % factor, res - res % factor + factor
+        lower, upper = res - res % step, res - res % step + step
         options = f"{lower} or {upper}" if lower > 0 else f"{upper}"
-        line = (f"{where}: {res} is not a multiple of {factor}, the VAE scale factor of {manifest.base_model} "
-                f"(native size {native}); use {options}")
+        line = (f"{where}: {res} is not a multiple of {step} (diffusers renders multiples of 8, and the VAE scale "
+                f"factor of {manifest.base_model} is {factor}; native size {native}); use {options}")
         if line not in problems:
             problems.append(line)
     return problems

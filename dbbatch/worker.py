@@ -419,8 +419,11 @@ class SubjectRun:
             self.storage.remove(self.out, recursive=True)
         model = self.b.model
         res = self.s.resolution or model.native_resolution
-        if res % model.vae_scale_factor:
-            raise InputError(f"subject {self.s.id}: resolution {res} is not a multiple of the model's scale factor {model.vae_scale_factor}")
+        from dbbatch.validation import resolution_step
+
+        if res % resolution_step(model.vae_scale_factor):
+            raise InputError(f"subject {self.s.id}: resolution {res} is not a multiple of {resolution_step(model.vae_scale_factor)} "
+                             f"(diffusers renders multiples of 8; the model's VAE scale factor is {model.vae_scale_factor})")
         self.resolution = res
         from dbbatch.families import inapplicable
 
@@ -791,8 +794,9 @@ class SubjectRun:
             local = self.storage.fetch(join(self.out, "lora", DIFFUSERS_FILE), self.work / "trained" / "lora" / DIFFUSERS_FILE)
             load_lora_folder(model, local.parent)
             return
-        model.snapshot()
-        for name in ("unet", *text_encoders_trained(model, self.s)):
+        trained = ("unet", *text_encoders_trained(model, self.s))
+        model.snapshot(trained)
+        for name in trained:
             folder = join(self.out, "model", name)
             for url in self.storage.list_files(folder):
                 if url.endswith(".safetensors"):
@@ -882,7 +886,7 @@ class SubjectRun:
         self.storage.write_bytes(join(self.out, "lora", "grid.png"), self.storage.read_bytes(grid))
         files = {k.split("/", 1)[1]: v for k, v in train_metrics.get("output_files", {}).items() if k.startswith("lora/")}
         card = model_card(self.s, self.b.model, train_metrics.get("published_step", train_metrics["steps"]), files, "grid.png",
-                          train_metrics.get("evaluation"))
+                          train_metrics.get("evaluation"), self.resolution)
         self.storage.write_text(join(self.out, "lora", "README.md"), card)
 
 

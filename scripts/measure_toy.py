@@ -143,7 +143,7 @@ def subject_scores(model: Any, model_dir: Path, sample_seeds: list[int], steps: 
     if (model_dir / DIFFUSERS_FILE).is_file():
         load_lora_folder(model, model_dir)
     else:
-        model.snapshot()
+        model.snapshot(("unet", "text_encoder"))
         model.unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(model_dir / "unet")).state_dict())
         if (model_dir / "text_encoder").is_dir():
             from transformers import CLIPTextModel

@@ -240,12 +240,15 @@ def render_stored_samples(pipe, subject_dir: Path, steps: int, guidance_scale: f
 
     spec = json.loads((subject_dir / "samples" / "prompts.json").read_text())
     jobs = [(p, seed, spec["files"][r][c]) for r, p in enumerate(spec["rows"]) for c, seed in enumerate(spec["columns"])]
+    # an SDXL subject's micro-conditioning, as its config.yaml records it (unset sizes: the pipeline's default)
+    sdxl = (yaml.safe_load((subject_dir / "config.yaml").read_text())["subject"].get("sdxl") or {})
+    sizes = {k: tuple(v) for k, v in sdxl.items() if k in ("original_size", "crops_coords_top_left", "target_size") and v}
     pipe.set_progress_bar_config(disable=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         made = pipe([p for p, _, _ in jobs], num_inference_steps=steps, guidance_scale=guidance_scale, height=resolution,
-                    width=resolution, generator=[torch.Generator().manual_seed(s) for _, s, _ in jobs]).images
+                    width=resolution, generator=[torch.Generator().manual_seed(s) for _, s, _ in jobs], **sizes).images
     finally:
         torch.set_num_threads(threads)
     stored = [np.asarray(Image.open(subject_dir / "samples" / f).convert("RGB")) for _, _, f in jobs]

@@ -62,6 +62,7 @@ def test_an_image_is_the_same_alone_or_batched_and_guidance_is_one_forward(model
     model = models[family]
     shapes = []
     hook = model.unet.register_forward_pre_hook(lambda module, args: shapes.append(args[0].shape[0]))
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         batched = generate(model, ["a photo of dog", "a photo of cat", "a dog"], [5, 6, 7], 32, 3, 7.5, batch_size=3)
@@ -70,7 +71,7 @@ def test_an_image_is_the_same_alone_or_batched_and_guidance_is_one_forward(model
         other_seed = generate(model, ["a dog"], [8], 32, 3, 7.5, batch_size=1)
     finally:
         hook.remove()
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
     assert np.array_equal(np.asarray(alone[0]), np.asarray(batched[2]))
     assert not np.array_equal(np.asarray(other_seed[0]), np.asarray(batched[2]))  # the control: seeds matter
 

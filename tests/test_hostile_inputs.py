@@ -191,11 +191,11 @@ MANIFEST_CASES = [
         "got 'cosin'; did you mean 'cosine'?"]),
     ManifestCase("no-subjects", doc() | {"subjects": []}, 2, ["m.yaml: subjects: must list at least 1 item(s), got none"]),
     ManifestCase("resolution-not-multiple-tiny", doc(subject(resolution=33)), 2, [
-        "m.yaml: subjects[0].resolution: 33 is not a multiple of 2, the VAE scale factor of builtin:tiny-sd (native "
-        "size 64); use 32 or 34"]),
+        "m.yaml: subjects[0].resolution: 33 is not a multiple of 8 (diffusers renders multiples of 8, and the VAE scale "
+        "factor of builtin:tiny-sd is 2; native size 64); use 32 or 40"]),
     ManifestCase("resolution-not-multiple-sd", doc(defaults={"resolution": 500}, base_model="./sd"), 2, [
-        "m.yaml: defaults.resolution: 500 is not a multiple of 8, the VAE scale factor of ./sd (native size 512); "
-        "use 496 or 504"], setup=fake_sd_folder),
+        "m.yaml: defaults.resolution: 500 is not a multiple of 8 (diffusers renders multiples of 8, and the VAE scale "
+        "factor of ./sd is 8; native size 512); use 496 or 504"], setup=fake_sd_folder),
     ManifestCase("duplicate-id", doc(subject("rex"), subject("rex")), 2, [
         "m.yaml: subjects[1].id: duplicate id 'rex' (also subjects[0]); ids name output folders, make them unique"]),
     ManifestCase("id-parent-dir", doc(subject("../x")), 2, [

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from conftest import FAMILY_ARCHS, cli_env, draw_subject, pipeline_class, render_stored_samples, run_cli, start_at_fault, tiny_manifest
 from dbbatch.lora import PRESETS, adaptable_layers, resolve_targets
+from dbbatch.lora_export import _clip_layout
 
 STEPS = 12
 LORA = {"rank": 4, "alpha": 8}
@@ -85,7 +86,8 @@ def test_only_the_adapters_train_and_removing_them_restores_the_base_bitwise(tmp
 
     model = load_base_model("builtin:tiny-sd", None, tmp_path / "cache", None)
     before = {name: {k: v.clone() for k, v in getattr(model, name).state_dict().items()} for name in ("unet", "text_encoder")}
-    n = lora.attach(model, LoraSettings(rank=4, alpha=8, target="all-linear+conv", text_encoder=True), 0, "rex")
+    n = lora.attach(model, LoraSettings(rank=4, alpha=8, target="all-linear+conv", text_encoder=True), 0, "rex", ("text_encoder",))
+    assert lora.attached(model.text_encoder)
     trainable = [p for m in (model.unet, model.text_encoder) for p in m.parameters() if p.requires_grad]
     assert n == sum(p.numel() for p in trainable) and 0 < n < sum(p.numel() for p in model.unet.parameters()) / 2
     named = [k for m in (model.unet, model.text_encoder) for k, p in m.named_parameters() if p.requires_grad]
@@ -123,8 +125,8 @@ def runs(request, tmp_path_factory, family_model_dirs) -> dict:
     tmp = tmp_path_factory.mktemp(f"lora-runs-{family}")
     base = str(family_model_dirs[family])
     rex = {"id": "rex", "train": {"lora": {**LORA, "target": "all-linear+conv", "text_encoder": True}}}
-    if family == "sdxl":
-        rex["sdxl"] = {"train_text_encoder_2": True}
+    if family == "sdxl":  # both text encoders, and micro-conditioning sizes of its own (the samples must follow)
+        rex["sdxl"] = {"train_text_encoder_2": True, "original_size": [96, 96], "crops_coords_top_left": [0, 4]}
     kim = {"id": "kim", "priors": {"source": "base_model"}}
     outs = {}
     for name, subjects, top in (("both", [rex, kim], {}), ("kim-alone", [kim], {}), ("merged", [rex], {"model_format": "full"})):
@@ -187,7 +189,7 @@ def test_kohya_file_follows_the_a1111_naming_rules_and_carries_its_metadata(runs
 
     model = load_base_model(str(runs["base"]), None, runs["both"].parent / "cache", None)
     unet_layers = {"lora_unet_" + n.replace(".", "_"): n for n in resolve_targets(adaptable_layers(model.unet), "all-linear+conv")[0]}
-    te_layers = {prefix + "text_model_" + n.replace(".", "_")
+    te_layers = {prefix + _clip_layout(n).replace(".", "_")
                  for name, prefix in KOHYA_TEXT_PREFIXES[runs["family"]].items() for n in adaptable_layers(getattr(model, name))
                  if n.endswith(("q_proj", "k_proj", "v_proj", "out_proj"))}
     assert set(layers) == set(unet_layers) | te_layers  # every adapted layer, named after the model's own module

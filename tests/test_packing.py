@@ -82,9 +82,9 @@ class World:
         draw_subject(root / "imgs" / "tom-other", color=(240, 200, 0))
 
     def manifest(self, name: str, per_step: int = 3, train: dict | None = None, images: dict | None = None,
-                 base_model: str = "builtin:tiny-sd") -> Path:
+                 base_model: str = "builtin:tiny-sd", own: dict | None = None) -> Path:
         subjects = [{"id": sid, "token": "sks", "class_noun": "dog", "images": (images or {}).get(sid, f"imgs/{sid}/"),
-                     "train": {"seed": i}} for i, sid in enumerate(IDS)]
+                     "train": {"seed": i}, **(own or {}).get(sid, {})} for i, sid in enumerate(IDS)]
         t = {"method": "lora", "max_steps": 6, "checkpoint_every": 2, "batch_size": 2, "learning_rate": 3e-3,
              "lr_scheduler": "cosine", "lr_warmup_steps": 2, "weight_decay": 0.05, "lora": {"rank": 4, "alpha": 8},
              **(train or {})}
@@ -161,8 +161,10 @@ def test_a_packed_cohort_equals_solo_runs_and_the_test_catches_a_batch_mean_or_a
 
 def test_an_sdxl_cohort_equals_solo_runs_and_the_test_catches_a_batch_mean(world):
     """Packing on the SDXL family: the conditioning a member carries (two encoders, pooled projection, size ids)
-    goes with its rows of the packed batch."""
-    sdxl = {"base_model": "builtin:tiny-sdxl"}
+    goes with its rows of the packed batch. The members differ in it: tom has another token and class, max other
+    micro-conditioning sizes."""
+    sdxl = {"base_model": "builtin:tiny-sdxl", "own": {"tom": {"token": "ohwx", "class_noun": "cat"},
+                                                        "max": {"sdxl": {"original_size": [128, 128]}}}}
     packed, _ = world.run("sdxl-packed", **sdxl)
     solo, _ = world.run("sdxl-solo", per_step=1, **sdxl)
     for sid in IDS:

@@ -20,19 +20,24 @@ from dbbatch.models import BUILTIN_VERSION
 STEPS, EVERY = 12, 4
 
 
-# The text encoders a subject with train_text_encoder trains, per family (SDXL: both, sdxl.train_text_encoder_2).
+# The text encoders a subject with train_text_encoder trains, per family (SDXL: both, sdxl.train_text_encoder_2;
+# train_te "first": SDXL's first alone, the second frozen beside it).
 TEXT_ENCODERS = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2")}
 
 
-def _manifest(tmp: Path, name: str, train_text_encoder: bool = False, every: int = EVERY, family: str = "sd", **train) -> Path:
+def _encoders(family: str, train_te) -> tuple[str, ...]:
+    return TEXT_ENCODERS[family][:1] if train_te == "first" else TEXT_ENCODERS[family] if train_te else ()
+
+
+def _manifest(tmp: Path, name: str, train_text_encoder=False, every: int = EVERY, family: str = "sd", **train) -> Path:
     if not (tmp / "imgs" / "rex").exists():
         draw_subject(tmp / "imgs" / "rex")  # 3 images: an epoch is 3 steps, so kills land mid-epoch
     defaults = {"resolution": 32,
                 "train": {"max_steps": STEPS, "checkpoint_every": every, "learning_rate": 1e-4,
-                          "train_text_encoder": train_text_encoder, **train},
+                          "train_text_encoder": bool(train_text_encoder), **train},
                 "priors": {"num_images": 2, "steps": 2, "batch_size": 2},
                 "samples": {"prompts": ["a photo of {token} {class_noun}"], "seeds": [0], "steps": 2}}
-    if family == "sdxl" and train_text_encoder:
+    if family == "sdxl" and train_text_encoder is True:
         defaults["sdxl"] = {"train_text_encoder_2": True}
     return tiny_manifest(tmp / f"{name}.yaml", name, [{"id": "rex", "token": "sks", "class_noun": "dog", "images": "imgs/rex/"}],
                          defaults=defaults, base_model=f"builtin:{FAMILY_ARCHS[family]}")
@@ -51,11 +56,11 @@ def _losses(out: Path) -> list[float]:
 def uninterrupted(tmp_path_factory):
     """Reference runs without interruption, per (train_te, family), each made when a test first asks for it."""
     tmp = tmp_path_factory.mktemp("reference")
-    outs: dict[tuple[bool, str], Path] = {}
+    outs: dict[tuple, Path] = {}
 
-    def reference(te: bool, family: str = "sd") -> Path:
+    def reference(te, family: str = "sd") -> Path:
         if (te, family) not in outs:
-            name = f"ref-{family}-te{int(te)}"
+            name = f"ref-{family}-te{te}"
             proc = run_cli("run", str(_manifest(tmp, name, te, family=family)), env=cli_env(DBBATCH_WORK_DIR=str(tmp / f"w-{name}")))
             assert proc.returncode == 0, proc.stderr
             outs[(te, family)] = tmp / name
@@ -66,9 +71,9 @@ def uninterrupted(tmp_path_factory):
 
 # An epoch is 3 steps (3 instance images): step 4 and 8 checkpoints are mid-epoch, step 6 one is at an epoch's end.
 @pytest.mark.parametrize("family,kill_step,every,train_te", [("sd", 5, 4, False), ("sd", 7, 3, False), ("sd", 10, 4, True),
-                                                            ("sdxl", 7, 3, False), ("sdxl", 10, 4, True)])
+                                                            ("sdxl", 10, 4, True), ("sdxl", 5, 4, "first")])
 def test_sigkill_then_rerun_is_bitwise_identical(tmp_path: Path, uninterrupted, family: str, kill_step: int, every: int,
-                                                 train_te: bool):
+                                                 train_te):
     m = _manifest(tmp_path, "killed", train_te, every=every, family=family)
     proc, _ = start_at_fault(m, tmp_path / "pod1", f"pause_at_step={kill_step}")
     proc.send_signal(signal.SIGKILL)
@@ -85,15 +90,16 @@ def test_sigkill_then_rerun_is_bitwise_identical(tmp_path: Path, uninterrupted, 
     assert f"resuming from {tmp_path / 'killed' / 'rex' / 'checkpoints' / f'step-{last:07d}.ckpt'}" in rerun.stderr
     assert "generating" not in rerun.stderr  # priors were stored before the kill
     ref, got = uninterrupted(train_te, family), tmp_path / "killed"
-    for component in ("unet", *TEXT_ENCODERS[family]) if train_te else ("unet",):
+    for component in ("unet", *_encoders(family, train_te)):
         a, b = _trained(ref, component), _trained(got, component)
         assert a.keys() == b.keys()
         differing = [k for k in a if not torch.equal(a[k], b[k])]
         assert not differing, f"{len(differing)} {component} tensors differ, e.g. {differing[:3]}"
-    for name in TEXT_ENCODERS[family] if train_te else ():  # and the text encoders really were trained
-        cached = tmp_path / "pod2" / "cache" / "models" / f"builtin-{FAMILY_ARCHS[family]}-v{BUILTIN_VERSION}"
+    cached = tmp_path / "pod2" / "cache" / "models" / f"builtin-{FAMILY_ARCHS[family]}-v{BUILTIN_VERSION}"
+    for name in TEXT_ENCODERS[family]:  # the text encoders that train really were trained, the others not at all
         base = load_file(str(cached / name / "model.safetensors"))
-        assert any(not torch.equal(base[k], _trained(got, name)[k]) for k in base), name
+        changed = any(not torch.equal(base[k], _trained(got, name)[k]) for k in base)
+        assert changed == (name in _encoders(family, train_te)), name
     assert _losses(got) == _losses(ref)
     assert json.loads((got / "rex" / "metrics.json").read_text())["resumed_from_step"] == last
 
@@ -122,23 +128,24 @@ def test_sigterm_stores_a_checkpoint_and_exits_143(tmp_path: Path, uninterrupted
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_checkpoint_holds_only_trainable_weights(tmp_path: Path):
+@pytest.mark.parametrize("family", list(FAMILY_ARCHS))
+def test_checkpoint_holds_only_trainable_weights(tmp_path: Path, family: str):
     for te in (False, True):
-        m = _manifest(tmp_path, f"ck{int(te)}", te)
+        m = _manifest(tmp_path, f"ck{int(te)}", te, family=family)
         proc, _ = start_at_fault(m, tmp_path / f"pod{int(te)}", "pause_at_step=5")
         proc.kill()
         proc.wait()
         ckpt_path = next((tmp_path / f"ck{int(te)}" / "rex" / "checkpoints").glob("*.ckpt"))
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # nothing unpickled
         prefixes = {k.split(".", 1)[0] for k in ckpt["state_dict"]}
-        assert prefixes == ({"unet", "text_encoder"} if te else {"unet"})
+        assert prefixes == {"unet", *_encoders(family, te)}
         assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
         assert set(ckpt["dbbatch"]["rng"]) == {"torch", "numpy", "python"}
         assert "combined_loader" in json.dumps(list(ckpt["loops"]["fit_loop"]["state_dict"].keys()))
-        model_dir = tmp_path / f"pod{int(te)}" / "cache" / "models" / f"builtin-tiny-sd-v{BUILTIN_VERSION}"
+        model_dir = tmp_path / f"pod{int(te)}" / "cache" / "models" / f"builtin-{FAMILY_ARCHS[family]}-v{BUILTIN_VERSION}"
         unet_bytes = (model_dir / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
-        te_bytes = (model_dir / "text_encoder" / "model.safetensors").stat().st_size
-        trainable = unet_bytes + (te_bytes if te else 0)
+        te_bytes = sum((model_dir / name / "model.safetensors").stat().st_size for name in _encoders(family, te))
+        trainable = unet_bytes + te_bytes
         # weights + two Adam moments, about 3x the trainable weights; no frozen VAE or text encoder inside
         assert 2.5 * trainable < ckpt_path.stat().st_size < 3.3 * trainable
 
