@@ -23,8 +23,10 @@ demo: install
 	$(BIN)/python scripts/make_demo_images.py
 	$(BIN)/dbbatch run manifests/demo.yaml
 
+# Both cores (tests/README.md: the budget, the groups, the numbers); TEST_WORKERS=0 runs in this one process.
+TEST_WORKERS ?= 2
 test: install-dev
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=25 tests
 
 lint: install-dev
 	$(BIN)/hadolint Dockerfile

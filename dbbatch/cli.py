@@ -189,8 +189,8 @@ def run(
                                    "(not a local path or s3://), accepting that two workers may train one subject."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print this shard's subjects and their state; train nothing, write nothing."),
     report: Optional[str] = typer.Option(None, "--report", help="Also write the machine-readable run report here."),
-    work_dir: Path = typer.Option(Path(os.environ.get("DBBATCH_WORK_DIR", Path.home() / ".cache" / "dbbatch")), "--work-dir",
-                                  help="Local scratch and cache folder (default $DBBATCH_WORK_DIR or ~/.cache/dbbatch)."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", envvar="DBBATCH_WORK_DIR", show_default=False,
+                                            help="Local scratch and cache folder (default $DBBATCH_WORK_DIR or ~/.cache/dbbatch)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Train every subject of the manifest (or of this shard) end to end."""
@@ -198,6 +198,7 @@ def run(
     from dbbatch import signals
 
     signals.install()
+    work_dir = work_dir or Path.home() / ".cache" / "dbbatch"
     from dbbatch.manifest import resolve_subjects
     from dbbatch.sharding import select
     from dbbatch.storage import Storage

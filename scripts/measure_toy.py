@@ -112,9 +112,11 @@ def dreambooth_manifest(path: Path, output: Path, photos: Path, seeds: list[int]
     return path
 
 
-def run_dreambooth(work: Path, seeds: list[int], env: dict[str, str], lora: bool = False, undertrained: bool = False) -> Path:
+def run_dreambooth(work: Path, seeds: list[int], env: dict[str, str], lora: bool = False, undertrained: bool = False,
+                   run: Any = None) -> Path:
     """Draw the photos, `dbbatch run` every (seed, prior) subject (and the under-trained one), or with `lora`
-    every (seed, LORA_VARIANTS) subject; returns the output folder."""
+    every (seed, LORA_VARIANTS) subject; returns the output folder. `run(*args, env=, cwd=, timeout=)` runs the
+    command (the tests' fork server); default a new interpreter."""
     import yaml
 
     photos = work / "photos"
@@ -123,8 +125,11 @@ def run_dreambooth(work: Path, seeds: list[int], env: dict[str, str], lora: bool
     if lora:
         doc = {"version": 1, "base_model": "builtin:toy-sd", "output": str(work / "out"), "subjects": lora_subjects(photos, seeds)}
         manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
-    proc = subprocess.run([sys.executable, "-m", "dbbatch", "run", str(manifest)], capture_output=True, text=True,
-                          env=env, cwd=work, timeout=1800)
+    if run is not None:
+        proc = run("run", str(manifest), env=env, cwd=work, timeout=1800)
+    else:
+        proc = subprocess.run([sys.executable, "-m", "dbbatch", "run", str(manifest)], capture_output=True, text=True,
+                              env=env, cwd=work, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"dbbatch run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return work / "out"

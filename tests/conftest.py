@@ -1,4 +1,6 @@
-"""Shared fixtures. Tests run the real CLI in subprocesses (`python -m dbbatch`) against the tree they live in."""
+"""Shared fixtures. Tests run the real CLI as processes of their own against the tree they live in: children of
+a fork server that has imported dbbatch once (tests/forkserver.py), or fresh `python -m dbbatch` interpreters
+with DBBATCH_TEST_SPAWN=1. tests/README.md says how the suite is organised and what it may cost."""
 
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: torch in a worker's own process (loading and rendering models) uses one thread,
+    # as the CLI processes do (cli_env). Set before anything imports torch.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -22,27 +28,141 @@ def cli_env(**extra: str) -> dict[str, str]:
     # One intra-op thread per CLI process: pytest and the CLI share 2 cores, and torch's second thread
     # spin-waiting for a busy core made runs ~10x slower under load. Bitwise comparisons need equal counts.
     env.setdefault("OMP_NUM_THREADS", "1")
-    # Short leases: a rerun after a SIGKILL takes the dead run's subject over after 5 s instead of 2 minutes.
-    env["DBBATCH_LEASE_SECONDS"] = "5"
+    # Short leases: a rerun on another "machine" after a SIGKILL takes the dead run's subject over after 10 s
+    # instead of 2 minutes. (5 s lapsed once under make test's two workers: a renewal every 1.7 s was starved.)
+    env["DBBATCH_LEASE_SECONDS"] = "10"
     env.update(extra)
     return env
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `python -m dbbatch ARGS`; returns the completed process (stdout/stderr as text)."""
-    return subprocess.run([sys.executable, "-m", "dbbatch", *args], capture_output=True, text=True,
-                          env=env or cli_env(), cwd=cwd or REPO, timeout=timeout)
+# -- running the CLI ------------------------------------------------------------------------------------------
+
+_fork_server = None
+CLI_PROCESSES: dict[str, int] = {}  # test file -> `dbbatch` processes it started (printed at the end of the run)
 
 
-def start_at_fault(manifest: Path, work: Path, faults: str, *args: str, timeout: float = 300) -> tuple[subprocess.Popen, Path]:
+def fresh_interpreters() -> bool:
+    """DBBATCH_TEST_SPAWN=1: every `dbbatch` command a fresh `python -m dbbatch` (slower; no fork server)."""
+    return os.environ.get("DBBATCH_TEST_SPAWN") == "1"
+
+
+def spawn_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, fresh: bool = False,
+              drop_capabilities: tuple[int, ...] = ()):
+    """Start `dbbatch ARGS` as a process of its own; returns it (a Popen, or the fork server's equivalent:
+    pid, poll, wait, communicate -> (stdout, stderr) text, send_signal, kill). `fresh`: a new interpreter even
+    with the fork server (for the tests that hold the two ways equal). `drop_capabilities`: the process
+    starts without these capabilities (root meeting permission errors)."""
+    global _fork_server
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?::").split("::", 1)[0]
+    CLI_PROCESSES[test] = CLI_PROCESSES.get(test, 0) + 1
+    env, cwd = env or cli_env(), cwd or REPO
+    if fresh or fresh_interpreters():
+        from forkserver import drop_capabilities as drop
+
+        return subprocess.Popen([sys.executable, "-m", "dbbatch", *args], env=env, cwd=cwd, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=(lambda: drop(list(drop_capabilities))) if drop_capabilities else None)
+    if _fork_server is None:
+        import tempfile
+
+        from forkserver import ForkServer
+
+        _fork_server = ForkServer(Path(tempfile.mkdtemp(prefix="dbbatch-cli-")))
+    return _fork_server.spawn(list(args), env, cwd, drop_capabilities)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _fork_server is not None:
+        _fork_server.close()
+        import shutil
+
+        shutil.rmtree(_fork_server.logs, ignore_errors=True)
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: its counts go to the controller
+        session.config.workeroutput["dbbatch_cli_processes"] = json.dumps(CLI_PROCESSES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """xdist's controller: add a finished worker's `dbbatch` process counts to ours."""
+    for test, n in json.loads(getattr(node, "workeroutput", {}).get("dbbatch_cli_processes", "{}")).items():
+        CLI_PROCESSES[test] = CLI_PROCESSES.get(test, 0) + n
+
+
+# -- scheduling on both cores (make test: pytest -n 2 --dist loadgroup) -------------------------------------------
+# A test file is one xdist group unless its tests name their own (`pytest.mark.xdist_group`): module fixtures are
+# then built once, on one worker. Groups start longest first (seconds from pytest's cache of the last run, or
+# GROUP_SECONDS on a clean clone), so that no long group starts last while the other worker sits idle.
+GROUP_SECONDS = {"learning-seed0": 120, "learning-seed1": 110, "learning-lora": 120, "tests/test_resume.py": 100,
+                 "tests/test_packing.py": 95, "tests/test_tracking.py": 95, "tests/test_lora.py": 75,
+                 "tests/test_throughput_features.py": 70}
+_GROUP_CACHE_KEY = "dbbatch/xdist-group-seconds"
+
+
+def xdist_group(item) -> str:
+    marks = [m.args[0] if m.args else m.kwargs.get("name", "default") for m in item.iter_markers("xdist_group")]
+    return "_".join(sorted(map(str, marks))) if marks else item.nodeid.split("::", 1)[0]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the marks
+def pytest_collection_modifyitems(config, items) -> None:
+    seconds = {**GROUP_SECONDS, **(config.cache.get(_GROUP_CACHE_KEY, {}) if config.cache else {})}
+    first_seen: dict[str, int] = {}
+    for item in items:
+        group = xdist_group(item)
+        first_seen.setdefault(group, len(first_seen))
+        if not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: (-seconds.get(xdist_group(item), 0), first_seen[xdist_group(item)]))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The budget at a glance (tests/README.md): seconds (setup, call and teardown summed over its tests, as
+    if run one at a time) and `dbbatch` processes per test file, most expensive first."""
+    seconds: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for r in reports:
+            if getattr(r, "when", None) in ("setup", "call", "teardown"):
+                test = r.nodeid.split("::", 1)[0]
+                seconds[test] = seconds.get(test, 0.0) + r.duration
+    if not seconds:
+        return
+    groups: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for r in reports:
+            if getattr(r, "when", None) in ("setup", "call", "teardown"):
+                group = r.nodeid.rsplit("@", 1)[1] if "@" in r.nodeid else r.nodeid.split("::", 1)[0]
+                groups[group] = groups.get(group, 0.0) + r.duration
+    cache = terminalreporter.config.cache
+    if cache is not None and not hasattr(terminalreporter.config, "workerinput"):
+        cache.set(_GROUP_CACHE_KEY, {**cache.get(_GROUP_CACHE_KEY, {}), **{g: round(s, 1) for g, s in groups.items()}})
+    terminalreporter.write_sep("-", "seconds and dbbatch processes per test file")
+    for test, s in sorted(seconds.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{s:8.1f} s  {CLI_PROCESSES.get(test, 0):4d} dbbatch  {test}")
+    terminalreporter.write_line(f"{sum(seconds.values()):8.1f} s  {sum(CLI_PROCESSES.values()):4d} dbbatch  "
+                                f"in all (test time summed; the wall time is pytest's last line)")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 600,
+            fresh: bool = False, drop_capabilities: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
+    """Run `dbbatch ARGS` to its end (spawn_cli); returns the completed process (stdout/stderr as text)."""
+    proc = spawn_cli(*args, env=env, cwd=cwd, fresh=fresh, drop_capabilities=drop_capabilities)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(["dbbatch", *args], proc.returncode, out, err)
+
+
+def start_at_fault(manifest: Path, work: Path, faults: str, *args: str, timeout: float = 300, **env: str):
     """Start `dbbatch run MANIFEST ARGS` with DBBATCH_FAULTS=`faults` (dbbatch/faults.py) and work dir `work`;
     return once the fault's marker file appears (the process then waits there), with that marker's path."""
     import time
 
     marker = work.parent / f"marker-{work.name}-{time.monotonic_ns()}"
-    env = cli_env(DBBATCH_WORK_DIR=str(work), DBBATCH_FAULTS=faults, DBBATCH_FAULT_MARKER=str(marker))
-    proc = subprocess.Popen([sys.executable, "-m", "dbbatch", "run", str(manifest), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = cli_env(DBBATCH_WORK_DIR=str(work), DBBATCH_FAULTS=faults, DBBATCH_FAULT_MARKER=str(marker), **env)
+    proc = spawn_cli("run", str(manifest), *args, env=env)
     deadline = time.monotonic() + timeout
     while not marker.exists():
         assert proc.poll() is None, f"dbbatch exited early: {proc.communicate()[1][-3000:]}"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import FAMILY_ARCHS, draw_subject, pipeline_class, render_stored_samples, run_cli, tiny_manifest
+from conftest import FAMILY_ARCHS, cli_env, draw_subject, pipeline_class, render_stored_samples, run_cli, tiny_manifest
 
 OUTPUTS = ["_SUCCESS", "metrics.json", "config.yaml", "samples/grid.png", "model/model_index.json",
            "model/unet/diffusion_pytorch_model.safetensors", "model/text_encoder/model.safetensors"]
@@ -63,3 +63,29 @@ def test_run_two_subjects_then_rerun_skips(tmp_path: Path, work_env, family: str
     assert len(reports) == 2
     assert [s["status"] for s in json.loads(reports[-1].read_text())["subjects"]] == ["skipped", "skipped"]
     assert "generating" not in again.stderr and "checkpoint" not in again.stderr
+
+
+def test_fork_server_children_match_fresh_interpreters_bitwise(tmp_path: Path):
+    """The suite runs most `dbbatch` commands as children of a fork server that imported dbbatch once
+    (tests/forkserver.py). Held here: the same manifest run by a fresh `python -m dbbatch` and by a forked child
+    writes the same weights, samples and loss curve, bit for bit; a different training seed (the negative
+    control) does not, so the comparison would catch a child that trained differently."""
+    draw_subject(tmp_path / "imgs" / "rex")
+    subject = {"id": "rex", "token": "sks", "class_noun": "dog", "images": "imgs/rex/", "train": {"max_steps": 3}}
+
+    def outputs(name: str, fresh: bool, seed: int = 0) -> dict[str, bytes]:
+        m = tiny_manifest(tmp_path / f"{name}.yaml", name, [{**subject, "train": {"max_steps": 3, "seed": seed}}])
+        proc = run_cli("run", str(m), env=cli_env(DBBATCH_WORK_DIR=str(tmp_path / "work")), fresh=fresh)
+        assert proc.returncode == 0, proc.stderr
+        rex = tmp_path / name / "rex"
+        files = {str(p.relative_to(rex)): p.read_bytes() for p in sorted(rex.rglob("*"))
+                 if p.is_file() and p.suffix in (".safetensors", ".png")}
+        files["loss_curve"] = json.dumps(json.loads((rex / "metrics.json").read_text())["loss_curve"]).encode()
+        return files
+
+    fresh, forked = outputs("fresh", fresh=True), outputs("forked", fresh=False)
+    assert len(fresh) > 5 and fresh.keys() == forked.keys()
+    assert [k for k in fresh if fresh[k] != forked[k]] == []
+    reseeded = outputs("reseeded", fresh=False, seed=1)
+    assert fresh["loss_curve"] != reseeded["loss_curve"]
+    assert fresh["model/unet/diffusion_pytorch_model.safetensors"] != reseeded["model/unet/diffusion_pytorch_model.safetensors"]

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, cli_env, draw_subject, run_cli, tiny_manifest
+from conftest import REPO, cli_env, draw_subject, run_cli, spawn_cli, tiny_manifest
 
 UNET = "model/unet/diffusion_pytorch_model.safetensors"
 
@@ -70,8 +70,7 @@ def test_sigterm_during_ddp_training_stores_checkpoint_and_exits_143(tmp_path: P
     env = cli_env(DBBATCH_WORK_DIR=str(tmp_path / "work"), DBBATCH_FAULTS="pause_at_step=2",
                   DBBATCH_FAULT_MARKER=str(marker))
     m = _manifest(tmp_path, "ddp", devices=2, batch_size=1)
-    proc = subprocess.Popen([sys.executable, "-m", "dbbatch", "run", str(m)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = spawn_cli("run", str(m), env=env, cwd=REPO)
     deadline = time.monotonic() + 120
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -514,15 +514,9 @@ def test_real_process_prints_no_traceback(tmp_path: Path):
 # Read-only output: refused by validate (and by run) before any training
 
 
-def _without_root_file_access():  # pragma: no cover - runs in the child before exec
-    """Root ignores permission bits through CAP_DAC_OVERRIDE: drop it (and CAP_DAC_READ_SEARCH) from the
-    bounding set, so the exec'd CLI is a root process that file permissions do apply to."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+# Root ignores permission bits through CAP_DAC_OVERRIDE (and CAP_DAC_READ_SEARCH): the CLI runs without them, a
+# root process that file permissions do apply to.
+NO_ROOT_FILE_ACCESS = (1, 2) if os.geteuid() == 0 else ()
 
 
 def test_read_only_output_fails_in_validate_and_before_training(tmp_path: Path):
@@ -534,9 +528,7 @@ def test_read_only_output_fails_in_validate_and_before_training(tmp_path: Path):
     expected = f"m.yaml: output: {tmp_path}/out is not writable (Permission denied); grant write access to it or choose another output"
     try:
         for command in ("validate", "run"):
-            proc = subprocess.run([sys.executable, "-m", "dbbatch", command, "m.yaml"], capture_output=True, text=True,
-                                  env=env, cwd=tmp_path, timeout=300,
-                                  preexec_fn=_without_root_file_access if os.geteuid() == 0 else None)
+            proc = run_cli(command, "m.yaml", env=env, cwd=tmp_path, timeout=300, drop_capabilities=NO_ROOT_FILE_ACCESS)
             errors, _ = parse_log(proc.stderr)
             line = expected if command == "validate" else expected.removeprefix("m.yaml: ")
             assert (proc.returncode, errors) == (3, [line]), proc.stderr
@@ -556,9 +548,7 @@ def test_read_only_prior_cache_fails_before_training_with_exit_3(tmp_path: Path)
     line = (f"prior_cache: {tmp_path}/cache is not writable (Permission denied); grant write access to it or choose "
             "another prior_cache")
     try:
-        proc = subprocess.run([sys.executable, "-m", "dbbatch", "run", "m.yaml"], capture_output=True, text=True,
-                              env=env, cwd=tmp_path, timeout=300,
-                              preexec_fn=_without_root_file_access if os.geteuid() == 0 else None)
+        proc = run_cli("run", "m.yaml", env=env, cwd=tmp_path, timeout=300, drop_capabilities=NO_ROOT_FILE_ACCESS)
     finally:
         (tmp_path / "cache").chmod(0o755)
     errors, _ = parse_log(proc.stderr)

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import cli_env, draw_subject, run_cli, start_at_fault, tiny_manifest
+from conftest import cli_env, draw_subject, run_cli, spawn_cli, start_at_fault, tiny_manifest
 from dbbatch.packing import StoredCohort, alone_reason, cohorts
 
 TOL = 1e-5
@@ -271,9 +271,8 @@ def test_queue_workers_claim_a_cohort_each_and_train_every_subject_once(world):
                                 "priors": {"source": "base_model"},
                                 "samples": {"prompts": ["a photo of {token} {class_noun}"], "seeds": [0], "steps": 2,
                                             "include_class_prompt": False}})
-    procs = [subprocess.Popen([sys.executable, "-m", "dbbatch", "run", str(m), "--queue"], cwd=world.root, text=True,
-                              env=cli_env(DBBATCH_WORK_DIR=str(world.root / f"queue-w{w}")), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for w in range(2)]
+    procs = [spawn_cli("run", str(m), "--queue", cwd=world.root, env=cli_env(DBBATCH_WORK_DIR=str(world.root / f"queue-w{w}")))
+             for w in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]

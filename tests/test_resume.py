@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAMILY_ARCHS, cli_env, draw_subject, run_cli, start_at_fault, tiny_manifest
+from conftest import FAMILY_ARCHS, cli_env, draw_subject, run_cli, spawn_cli, start_at_fault, tiny_manifest
 from dbbatch.models import BUILTIN_VERSION
 
 STEPS, EVERY = 12, 4
@@ -183,8 +183,7 @@ def test_killed_pod_resumes_from_the_bucket(tmp_path: Path, s3, uninterrupted, f
     m.write_text(m.read_text().replace("output: on-s3", f"output: {s3.url('out')}"))
     marker = tmp_path / "paused"
     env = s3.env(DBBATCH_WORK_DIR=str(tmp_path / "pod1"), DBBATCH_FAULTS="pause_at_step=6", DBBATCH_FAULT_MARKER=str(marker))
-    proc = subprocess.Popen([sys.executable, "-m", "dbbatch", "run", str(m)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = spawn_cli("run", str(m), env=env)
     while not marker.exists():
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         time.sleep(0.05)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import FAMILY_ARCHS, REPO, S3, draw_subject, free_port, pipeline_class, render_stored_samples, run_cli, tiny_manifest
+from conftest import FAMILY_ARCHS, REPO, S3, draw_subject, free_port, pipeline_class, render_stored_samples, run_cli, spawn_cli, tiny_manifest
 
 OUTPUTS = ["_SUCCESS", "_stage.json", "metrics.json", "config.yaml", "samples/grid.png", "samples/prompts.json",
            "model/model_index.json", "model/unet/diffusion_pytorch_model.safetensors",
@@ -183,8 +183,7 @@ def test_endpoint_outage_mid_publish_then_rerun_does_not_train_again(s3: S3, pro
     env = s3.env(proxy.url, DBBATCH_FAULTS="pause_at_publish=config", DBBATCH_FAULT_MARKER=str(marker),
                  DBBATCH_RETRY_ATTEMPTS="3", DBBATCH_RETRY_BACKOFF_SECONDS="0.2",
                  AWS_MAX_ATTEMPTS="1")  # botocore's own retries would only make the test slower
-    run = subprocess.Popen([sys.executable, "-m", "dbbatch", "run", str(m)], env=env, cwd=REPO,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = spawn_cli("run", str(m), env=env, cwd=REPO)
     try:
         deadline = time.monotonic() + 300
         while not marker.exists():
