@@ -321,7 +321,10 @@ def test_force_refuses_while_another_run_is_publishing_the_subject(tmp_path: Pat
     # once the holder is done, --force is allowed and redoes the subject
     again = run_cli("run", str(m), "--only", "rex", "--force", env=cli_env(DBBATCH_WORK_DIR=str(tmp_path / "w2")), cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert [s["status"] for s in _local_reports(tmp_path / "out")[-1]["subjects"]] == ["succeeded"]
+    # this run's own report (run ids start with the second they began: the refused run's may sort after it)
+    run_id = again.stderr.split(" INFO run ", 1)[1].split(":", 1)[0]
+    report = json.loads((tmp_path / "out" / "_runs" / f"{run_id}.json").read_text())
+    assert [s["status"] for s in report["subjects"]] == ["succeeded"]
 
 
 def test_a_sigkilled_holder_is_taken_over_after_its_lease_expires_and_training_resumes(tmp_path: Path):
