@@ -118,20 +118,17 @@ def pytest_collection_modifyitems(config, items) -> None:
 def pytest_terminal_summary(terminalreporter) -> None:
     """The budget at a glance (tests/README.md): seconds (setup, call and teardown summed over its tests, as
     if run one at a time) and `dbbatch` processes per test file, most expensive first."""
-    seconds: dict[str, float] = {}
+    seconds: dict[str, float] = {}  # per test file
+    groups: dict[str, float] = {}  # per xdist group (xdist appends "@group" to the node ids)
     for reports in terminalreporter.stats.values():
         for r in reports:
             if getattr(r, "when", None) in ("setup", "call", "teardown"):
                 test = r.nodeid.split("::", 1)[0]
                 seconds[test] = seconds.get(test, 0.0) + r.duration
+                group = r.nodeid.rsplit("@", 1)[1] if "@" in r.nodeid else test
+                groups[group] = groups.get(group, 0.0) + r.duration
     if not seconds:
         return
-    groups: dict[str, float] = {}
-    for reports in terminalreporter.stats.values():
-        for r in reports:
-            if getattr(r, "when", None) in ("setup", "call", "teardown"):
-                group = r.nodeid.rsplit("@", 1)[1] if "@" in r.nodeid else r.nodeid.split("::", 1)[0]
-                groups[group] = groups.get(group, 0.0) + r.duration
     cache = terminalreporter.config.cache
     if cache is not None and not hasattr(terminalreporter.config, "workerinput"):
         cache.set(_GROUP_CACHE_KEY, {**cache.get(_GROUP_CACHE_KEY, {}), **{g: round(s, 1) for g, s in groups.items()}})
