@@ -57,7 +57,7 @@ def bench_packing(plan: Any, root: Path, ks: list[int], say, run_child, write_ma
 
 def child(spec: dict[str, Any], batch: Any, subjects: list[Any]) -> dict[str, Any]:
     """In the child: run the batch, timing CohortData.__getitem__ (the packed step's data side)."""
-    from dbbatch import packed_training
+    from dbbatch.train import packed_training
 
     spent = {"s": 0.0, "n": 0}
     original = packed_training.CohortData.__getitem__

@@ -4,7 +4,7 @@
     python bench/run.py [--arch tiny|small|tiny-sdxl|sd15|sdxl-lora] [--quick] [--json FILE] [--keep DIR]
     python bench/run.py --sweep [--steps N]    # a sweep of four variants against four subjects (bench/sweep.py)
 
-Runs the real worker (`dbbatch.worker.Batch`, one `run_one` per subject, as `dbbatch run` does) on
+Runs the real worker (`dbbatch.batch.batch.Batch`, one `run_one` per subject, as `dbbatch run` does) on
 generated subjects of one class, each batch in a fresh subprocess so its peak RSS is its own, and prints:
 
 - per architecture: model load seconds, prior images/s, training steps/s (median of steady-state steps, from
@@ -502,12 +502,12 @@ def child_main(spec_path: Path) -> int:
     import resource
 
     spec = json.loads(spec_path.read_text())
-    from dbbatch.cli import _quiet_libraries, _setup_logging
+    from dbbatch.console import quiet_libraries, setup_logging
 
-    _setup_logging(False)
-    _quiet_libraries()
+    setup_logging(False)
+    quiet_libraries()
     if spec["mode"] == "prepare":
-        from dbbatch.models import load_base_model
+        from dbbatch.models.loading import load_base_model
 
         load_base_model(spec["base_model"], None, Path(spec["work_dir"]) / "cache", None)
         (spec_path.parent / "result.json").write_text("{}")
@@ -515,10 +515,12 @@ def child_main(spec_path: Path) -> int:
 
     import torch
 
-    from dbbatch.manifest import load_manifest, resolve_subjects
-    from dbbatch.storage import Storage
-    from dbbatch.validation import locations
-    from dbbatch.worker import Batch, RunOptions
+    from dbbatch.batch.batch import Batch
+    from dbbatch.batch.results import RunOptions
+    from dbbatch.batch.validation import locations
+    from dbbatch.config.resolve import resolve_subjects
+    from dbbatch.models.defaults import load_manifest
+    from dbbatch.store.storage import Storage
 
     plan = Plan(**{**spec["plan"], "batches": tuple(spec["plan"]["batches"])})
     manifest, base_dir = load_manifest(Path(spec["manifest"]))
@@ -560,7 +562,8 @@ def preload_in_memory(batch: Any, plan: Plan) -> None:
     Sets the attributes `Batch.model` would; the rest of the run is the ordinary worker path."""
     import torch
 
-    from dbbatch.models import BUILTIN_SEED, BUILTIN_VERSION, SCHEDULER_CONFIG, BaseModel, build_builtin
+    from dbbatch.models.base import BaseModel
+    from dbbatch.models.builtin import BUILTIN_SEED, BUILTIN_VERSION, SCHEDULER_CONFIG, build_builtin
 
     name = plan.base_model.split(":", 1)[1]
     started = time.monotonic()
@@ -631,7 +634,7 @@ def unet_train_flops(batch: Any, plan: Plan) -> float:
     unet = model.unet
     lat = plan.resolution // model.vae_scale_factor
     device = batch.device
-    from dbbatch.training import rows
+    from dbbatch.train.module import rows
 
     x = torch.randn(2, unet.config.in_channels, lat, lat, device=device)
     cond = {**model.encode(["a photo of sks dog"], device),

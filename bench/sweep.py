@@ -25,7 +25,7 @@ def _manifest(path: Path, output: Path, photos: Path, steps: int, sweep: dict[st
 
     import yaml
 
-    from dbbatch.sweeps import set_path
+    from dbbatch.config.sweeps import set_path
 
     base = {"token": "sks", "class_noun": "triangle", "images": str(photos)}
     if as_sweep:

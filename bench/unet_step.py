@@ -25,7 +25,7 @@ def main() -> int:
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dbbatch.models import ARCHS
+    from dbbatch.models.builtin import ARCHS
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="sd15")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,7 +21,8 @@ from typing import Any, Callable, Optional
 import click
 import typer
 
-from dbbatch.errors import DbbatchError, InputError, ManifestError, Preempted, StorageError
+from dbbatch.console import print_results, quiet_libraries, setup_logging
+from dbbatch.core.errors import DbbatchError, InputError, ManifestError, Preempted, StorageError
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STORAGE, EXIT_INTERRUPTED, EXIT_PREEMPTED = 0, 1, 2, 3, 130, 143
 
@@ -37,39 +37,7 @@ _debug = False
 def _setup_logging(debug: bool) -> None:
     global _debug
     _debug = debug
-    level = logging.DEBUG if debug else logging.INFO
-    if sys.stderr.isatty():
-        from rich.logging import RichHandler
-
-        handler: logging.Handler = RichHandler(show_path=False, markup=False, rich_tracebacks=debug)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
-    logging.getLogger("dbbatch").setLevel(level)
-    for noisy in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric", "botocore", "s3fs", "aiobotocore"):
-        logging.getLogger(noisy).setLevel(logging.ERROR if not debug else logging.INFO)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
-    # torchdata's StatefulDataLoader constructor calls a deprecated torch API; two lines of noise per subject
-    warnings.filterwarnings("ignore", message=".*set_vital.*")
-    warnings.filterwarnings("ignore", message=".*low_cpu_mem_usage.*")
-
-
-def _quiet_libraries() -> None:
-    """diffusers/transformers print loading bars and advice on every load; keep the log for our lines."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    for lib in (dlog, tlog):
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
+    setup_logging(debug)
 
 
 def _fail(exc: BaseException) -> "typer.Exit":
@@ -82,7 +50,7 @@ def _fail(exc: BaseException) -> "typer.Exit":
     if _debug:
         log.exception("details")
     if isinstance(exc, Preempted):
-        from dbbatch import signals
+        from dbbatch.core import signals
 
         return typer.Exit(signals.exit_code())  # EXIT_PREEMPTED, or EXIT_INTERRUPTED after SIGINT
     if isinstance(exc, InputError):
@@ -118,7 +86,7 @@ def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _load(manifest_path: Path):
-    from dbbatch.manifest import load_manifest
+    from dbbatch.models.defaults import load_manifest
 
     return load_manifest(manifest_path)
 
@@ -134,14 +102,14 @@ def validate(
 ) -> None:
     """Check the whole manifest and report every problem at once (exit 2 if any)."""
     _setup_logging(debug)
-    from dbbatch.storage import Storage
-    from dbbatch.validation import check_manifest, locations
+    from dbbatch.batch.validation import check_manifest, locations
+    from dbbatch.store.storage import Storage
 
     m, base_dir = _load(manifest)
     out, cache = locations(m, base_dir, output)
     storage = Storage(m.storage_options)
     if check_remote:
-        _quiet_libraries()
+        quiet_libraries()
     found = check_manifest(m, base_dir, storage, check_remote, out, cache)
     if check_remote and not found.storage and (no_lease := storage.lease_support(out)):
         found.warnings.append(f"output: {no_lease}; `dbbatch run` refuses it unless given --no-leases")
@@ -154,7 +122,7 @@ def validate(
     if found.storage:
         raise typer.Exit(EXIT_STORAGE)
     if show_settings:
-        from dbbatch.manifest import resolve_subjects
+        from dbbatch.config.resolve import resolve_subjects
 
         for subject in resolve_subjects(m, base_dir):
             for path, origin in subject.settings_from.items():
@@ -195,14 +163,14 @@ def run(
 ) -> None:
     """Train every subject of the manifest (or of this shard) end to end."""
     _setup_logging(debug)
-    from dbbatch import signals
+    from dbbatch.core import signals
 
     signals.install()
     work_dir = work_dir or Path.home() / ".cache" / "dbbatch"
-    from dbbatch.manifest import resolve_subjects
-    from dbbatch.sharding import select
-    from dbbatch.storage import Storage
-    from dbbatch.validation import check_manifest, locations, writable_problem
+    from dbbatch.batch.validation import check_manifest, locations, writable_problem
+    from dbbatch.config.resolve import resolve_subjects
+    from dbbatch.config.sharding import select
+    from dbbatch.store.storage import Storage
 
     try:
         m, base_dir = _load(manifest)
@@ -231,8 +199,9 @@ def run(
     except DbbatchError as e:
         raise _fail(e) from None
 
-    from dbbatch.progress import Reporter
-    from dbbatch.worker import Batch, RunOptions
+    from dbbatch.batch.batch import Batch
+    from dbbatch.batch.results import RunOptions
+    from dbbatch.core.progress import Reporter
 
     opts = RunOptions(output=out, prior_cache=cache, work_dir=work_dir, force=force, debug=debug, leases=not no_leases,
                       lease_seconds=lease_seconds)
@@ -245,7 +214,7 @@ def run(
                 state = batch.state_of(s)
                 typer.echo(f"{s.id}\t{state}")
                 todo += [s] if state != "done" else []
-            from dbbatch.packing import cohorts, describe
+            from dbbatch.config.packing import cohorts, describe
 
             per_step, stored = m.packing.subjects_per_step, batch.stored_cohorts()
             if todo and (per_step > 1 or stored):
@@ -256,7 +225,7 @@ def run(
             raise _fail(e) from None
         return
 
-    _quiet_libraries()
+    quiet_libraries()
     reporter = Reporter()
     try:
         storage.reporter = reporter
@@ -282,12 +251,12 @@ def run(
                                            "sigterm_to_exit_seconds": round(signals.seconds_since_request(), 3) if preempted else None})
     if report:
         try:
-            from dbbatch.manifest import resolve_location
+            from dbbatch.config.resolve import resolve_location
 
             storage.write_text(resolve_location(report, Path.cwd()), json.dumps(summary, indent=2) + "\n")
         except DbbatchError as e:
             log.error("could not write --report: %s", e)
-    _print_table(results)
+    print_results(results)
     if not preempted:  # a preempted pod's grace period is for its checkpoint and exit code, not the report
         page = _refresh_report(storage, out, [s.id for s in resolve_subjects(m, base_dir)])
         if page:
@@ -301,20 +270,6 @@ def run(
         attempted = [r for r in results if r.status != "skipped"]  # subjects already done say nothing about input
         log.error("%d of %d subject(s) failed", len(failed), len(results))
         raise typer.Exit(EXIT_INVALID if all_input and len(failed) == len(attempted) else EXIT_FAILED)
-
-
-def _print_table(results) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="dbbatch results")
-    for col in ("subject", "status", "steps", "loss", "seconds", "output / error"):
-        table.add_column(col)
-    for r in results:
-        loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "-"
-        status, note = (f"{r.status}, flagged", f"{r.output} ({'; '.join(r.flags)})") if r.flags else (r.status, r.output)
-        table.add_row(r.id, status, str(r.steps or "-"), loss, f"{r.seconds:.1f}", r.message if r.status == "failed" else note)
-    Console(width=160 if not sys.stdout.isatty() else None).print(table)
 
 
 @k8s_app.command("render")
@@ -345,7 +300,7 @@ def k8s_render(
 ) -> None:
     """Print a ConfigMap (the manifest) and an Indexed Job as YAML for `kubectl apply -f -`."""
     _setup_logging(False)
-    from dbbatch import k8s
+    from dbbatch.deploy import k8s
 
     try:
         m, _ = _load(manifest)  # a missing, unreadable or invalid file reported the usual way
@@ -384,9 +339,9 @@ def _pairs(flag: str, items: Optional[list[str]]) -> dict[str, str]:
 def _refresh_report(storage: Any, output: str, subject_ids: Optional[list[str]]) -> Optional[str]:
     """Rebuild <output>/_report/ (every shard's subjects, as stored); its page's location, or None when it could
     not be written (logged: the subjects' own outputs are what matters)."""
-    from dbbatch import signals
-    from dbbatch.report import REPORT, build
-    from dbbatch.storage import join, redact
+    from dbbatch.core import signals
+    from dbbatch.quality.report import REPORT, build
+    from dbbatch.store.locations import join, redact
 
     try:
         if build(storage, output, subject_ids, stop=signals.requested) is None:
@@ -407,10 +362,11 @@ def report(
 ) -> None:
     """Rebuild OUTPUT/_report/ (index.html, summary.json) from what every shard and run stored."""
     _setup_logging(debug)
-    _quiet_libraries()
-    from dbbatch.manifest import resolve_location, resolve_subjects
-    from dbbatch.report import REPORT, build
-    from dbbatch.storage import Storage, join
+    quiet_libraries()
+    from dbbatch.config.resolve import resolve_location, resolve_subjects
+    from dbbatch.quality.report import REPORT, build
+    from dbbatch.store.locations import join
+    from dbbatch.store.storage import Storage
 
     try:
         ids = None
@@ -434,7 +390,7 @@ def report(
 @app.command()
 def schema() -> None:
     """Print the manifest's JSON Schema."""
-    from dbbatch.manifest import json_schema
+    from dbbatch.config.manifest import json_schema
 
     typer.echo(json.dumps(json_schema(), indent=2))
 
@@ -446,8 +402,8 @@ def tiny_model(
 ) -> None:
     """Write a built-in model (random weights from a fixed seed, or toy-sd's trained ones) as a diffusers folder."""
     _setup_logging(False)
-    _quiet_libraries()
-    from dbbatch.models import write_builtin
+    quiet_libraries()
+    from dbbatch.models.loading import write_builtin
 
     try:
         write_builtin(arch, out_dir)

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dbbatch import toyworld  # noqa: E402
+from dbbatch.models import toyworld  # noqa: E402
 
 OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "manifests" / "demo-images"
 SUBJECTS = {  # id: (shape, left colour, right colour, photo backgrounds)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from dbbatch import toyworld  # noqa: E402
+from dbbatch.models import toyworld  # noqa: E402
 
 SUBJECT_LEFT, SUBJECT_RIGHT, SUBJECT_SHAPE = "blue", "yellow", "square"
 PHOTO_BACKGROUNDS = ("white", "green", "white", "green")  # the 4 photos
@@ -54,7 +54,7 @@ def draw_subject_photos(folder: Path, seed: int = 0, backgrounds: tuple[str, ...
 
 def prompt_following(model: Any, per_triple: int = 4, steps: int = 25, guidance: float = 7.5) -> dict[str, float]:
     """The checker's accuracies over the held-out prompts (sampling seed = prompt index)."""
-    from dbbatch.sampling import generate
+    from dbbatch.models.sampling import generate
 
     prompts = toyworld.held_out_prompts(per_triple)
     imgs = generate(model, [p for p, _ in prompts], list(range(len(prompts))), toyworld.SIZE, steps, guidance,
@@ -141,9 +141,9 @@ def subject_scores(model: Any, model_dir: Path, sample_seeds: list[int], steps: 
     a subject's model/ folder (full fine-tuning) or its lora/ folder (the adapters are attached, then removed)."""
     from diffusers import UNet2DConditionModel
 
-    from dbbatch import lora
-    from dbbatch.lora_export import DIFFUSERS_FILE, load_lora_folder
-    from dbbatch.sampling import generate
+    from dbbatch.models import lora
+    from dbbatch.models.lora_export import DIFFUSERS_FILE, load_lora_folder
+    from dbbatch.models.sampling import generate
 
     if (model_dir / DIFFUSERS_FILE).is_file():
         load_lora_folder(model, model_dir)
@@ -185,13 +185,12 @@ def class_drift(model: Any, lora_dir: Path, images: int = 32, seed: int = 0) -> 
     measure: a tiny change early in sampling ends in another image.)"""
     import torch
     from diffusers import DDPMScheduler
-
-    from dbbatch import lora
-    from dbbatch.images import to_tensor
-    from dbbatch.lora_export import load_lora_folder
-    from dbbatch.toyworld import render
-
     from PIL import Image
+
+    from dbbatch.models import lora
+    from dbbatch.models.lora_export import load_lora_folder
+    from dbbatch.models.toyworld import render
+    from dbbatch.train.images import to_tensor
 
     rng = random.Random(seed)
     scenes = [toyworld.random_scene(rng, (c, SUBJECT_SHAPE, b)) for c, b in
@@ -216,7 +215,7 @@ def class_drift(model: Any, lora_dir: Path, images: int = 32, seed: int = 0) -> 
 
 
 def dreambooth_results(out: Path, seeds: list[int], sample_seeds: list[int], cache: Path) -> dict[str, dict[str, float]]:
-    from dbbatch.models import load_base_model
+    from dbbatch.models.loading import load_base_model
 
     base = load_base_model("builtin:toy-sd", None, cache, None)
     return {rid: subject_scores(base, out / rid / "model", sample_seeds) for rid, _, _ in run_ids(seeds)}
@@ -254,7 +253,7 @@ def main() -> int:
     p.add_argument("--lora", action="store_true", help="measure LoRA DreamBooth (LORA_VARIANTS) instead, with class drift")
     args = p.parse_args()
     torch.set_num_threads(1)
-    from dbbatch.models import load_base_model
+    from dbbatch.models.loading import load_base_model
 
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DBBATCH_WORK_DIR": str(args.out / "work")}

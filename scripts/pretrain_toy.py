@@ -16,13 +16,13 @@ to learn more per CPU-second):
    rounded to fp16, the precision it ships in (so --check-steps reproduces the UNet stage from the shipped
    VAE bit for bit). scaling_factor = 1 / std of the latents: unit variance, what the noise schedule assumes.
 2. UNet (tiny-sd's architecture at 8x8 latents) + CLIP text encoder (tiny-sd's), jointly, epsilon objective,
-   SD 1.x schedule (dbbatch.models.SCHEDULER_CONFIG), AdamW with warmup and cosine decay, EMA of the weights
+   SD 1.x schedule (dbbatch.models.builtin.SCHEDULER_CONFIG), AdamW with warmup and cosine decay, EMA of the weights
    (what ships). Loss weight per timestep, in x0 terms: min(SNR, 5) at low noise (Min-SNR, Hang et al. 2023),
    and at high noise up to 10x the plain epsilon loss. The epsilon loss weights an x0 error by SNR, which is
    ~0.005 at t=999 where the background colour is decided: the prototype's backgrounds stayed at chance.
 3. toy CLIP (transformers CLIPModel, tiny towers), contrastive loss on the same world's images and captions.
 Evaluation every --eval-every steps: the 48 held-out prompts (dbbatch's own sampler: 25 DDIM steps, guidance
-7.5) read back by dbbatch.toyworld's checker. The log (JSON lines) goes to --state/log.jsonl and, with the
+7.5) read back by dbbatch.models.toyworld's checker. The log (JSON lines) goes to --state/log.jsonl and, with the
 weights, to --export (dbbatch/assets: toy-sd/ and toy-clip/; --export-checkpoint exports a running one's newest
 checkpoint, labelled intermediate in toy-sd/pretrain_status.json).
 """
@@ -46,8 +46,9 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dbbatch import toyworld  # noqa: E402
-from dbbatch.models import ARCHS, SCHEDULER_CONFIG, TOKENIZER_DIR  # noqa: E402
+from dbbatch.models import toyworld  # noqa: E402
+from dbbatch.models.assets import TOKENIZER_DIR  # noqa: E402
+from dbbatch.models.builtin import ARCHS, SCHEDULER_CONFIG
 
 POOL_SIZE = 24576  # distinct training scenes (~315 placements per training triple), encoded lazily once
 BATCH = 32
@@ -276,7 +277,7 @@ def sd_step(unet, te, pool: LatentPool, captions: Captions, scheduler, seed: int
 
 
 def as_model(unet, te, vae, tokenizer):
-    from dbbatch.models import BaseModel
+    from dbbatch.models.base import BaseModel
 
     return BaseModel(unet=unet, vae=vae, text_encoder=te, tokenizer=tokenizer, scheduler_config=dict(SCHEDULER_CONFIG),
                      identity="pretraining", source="pretraining")
@@ -426,7 +427,8 @@ def export(out: Path, vae, unet, te, tokenizer, clip, log_lines: list[dict], sta
     from diffusers import DDIMScheduler
     from transformers import CLIPImageProcessor
 
-    from dbbatch.models import WEIGHT_SUMS, save_folder
+    from dbbatch.models.assets import WEIGHT_SUMS
+    from dbbatch.models.loading import save_folder
 
     def write_sums(folder: Path) -> None:
         lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(folder).as_posix()}"

@@ -105,7 +105,8 @@ def xdist_group(item) -> str:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the marks
 def pytest_collection_modifyitems(config, items) -> None:
-    seconds = {**GROUP_SECONDS, **(config.cache.get(_GROUP_CACHE_KEY, {}) if config.cache else {})}
+    cache = getattr(config, "cache", None)  # none with -p no:cacheprovider
+    seconds = {**GROUP_SECONDS, **(cache.get(_GROUP_CACHE_KEY, {}) if cache else {})}
     first_seen: dict[str, int] = {}
     for item in items:
         group = xdist_group(item)
@@ -129,7 +130,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
                 groups[group] = groups.get(group, 0.0) + r.duration
     if not seconds:
         return
-    cache = terminalreporter.config.cache
+    cache = getattr(terminalreporter.config, "cache", None)
     if cache is not None and not hasattr(terminalreporter.config, "workerinput"):
         cache.set(_GROUP_CACHE_KEY, {**cache.get(_GROUP_CACHE_KEY, {}), **{g: round(s, 1) for g, s in groups.items()}})
     terminalreporter.write_sep("-", "seconds and dbbatch processes per test file")
@@ -153,7 +154,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
 
 
 def start_at_fault(manifest: Path, work: Path, faults: str, *args: str, timeout: float = 300, **env: str):
-    """Start `dbbatch run MANIFEST ARGS` with DBBATCH_FAULTS=`faults` (dbbatch/faults.py) and work dir `work`;
+    """Start `dbbatch run MANIFEST ARGS` with DBBATCH_FAULTS=`faults` (dbbatch/core/faults.py) and work dir `work`;
     return once the fault's marker file appears (the process then waits there), with that marker's path."""
     import time
 

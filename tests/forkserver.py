@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 # What a `dbbatch run` imports (dbbatch.cli imports the rest lazily); importing them here is the saving.
 PRELOAD = ["numpy", "torch", "transformers", "diffusers", "pytorch_lightning", "torchdata.stateful_dataloader", "peft",
            "safetensors.torch", "s3fs", "PIL.Image", "matplotlib.pyplot", "yaml", "pydantic", "rich.table",
-           "dbbatch.cli", "dbbatch.worker", "dbbatch.cohorts", "dbbatch.training", "dbbatch.models", "dbbatch.report"]
+           "dbbatch.cli", "dbbatch.batch.batch", "dbbatch.batch.cohorts", "dbbatch.train.module", "dbbatch.train.fit",
+           "dbbatch.models.loading", "dbbatch.quality.report"]
 PRELOAD_ATTRS = [("diffusers", ["StableDiffusionPipeline", "StableDiffusionXLPipeline", "UNet2DConditionModel",
                                 "AutoencoderKL", "DDIMScheduler", "DDPMScheduler"]),
                  ("transformers", ["CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer"])]

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import FAMILY_ARCHS, cli_env, draw_subject, pipeline_class, render_stored_samples, run_cli, tiny_manifest
 
 OUTPUTS = ["_SUCCESS", "metrics.json", "config.yaml", "samples/grid.png", "model/model_index.json",
@@ -50,7 +49,7 @@ def test_run_two_subjects_then_rerun_skips(tmp_path: Path, work_env, family: str
     pipe = pipeline_class(family).from_pretrained(str(out / "rex" / "model"))
     made, stored = render_stored_samples(pipe, out / "rex", steps=2)
     assert all(np.array_equal(a, b) for a, b in zip(made, stored)), "the loaded model renders other images"
-    from dbbatch.models import BUILTIN_VERSION
+    from dbbatch.models.builtin import BUILTIN_VERSION
 
     cached = Path(work_env["DBBATCH_WORK_DIR"]) / "cache" / "models" / f"builtin-{FAMILY_ARCHS[family]}-v{BUILTIN_VERSION}"
     base = pipeline_class(family).from_pretrained(str(cached))

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -49,7 +47,7 @@ def test_two_cpu_ranks_match_one_process(tmp_path: Path, work_env):
 
     import torch
 
-    from dbbatch.models import build_builtin
+    from dbbatch.models.builtin import build_builtin
 
     base = build_builtin("tiny-sd")["unet"].state_dict()
     w_ddp, w_one = _unet(tmp_path / "out-ddp" / "rex" / UNET), _unet(tmp_path / "out-one" / "rex" / UNET)

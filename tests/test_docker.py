@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
-from dbbatch import k8s
+
+from dbbatch.deploy import k8s
 
 DOCKERFILE = REPO / "Dockerfile"
 TEXT = DOCKERFILE.read_text()

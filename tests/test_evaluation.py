@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cli_env, draw_subject, run_cli, start_at_fault, tiny_manifest
 from safetensors.torch import load_file
 
-from conftest import cli_env, draw_subject, run_cli, start_at_fault, tiny_manifest
-from dbbatch import evaluation as ev
+from dbbatch.quality import evaluation as ev
 
 METRICS = ("dino", "clip_i", "clip_t", "class_drift", "pres")
 EVALUATION = {"clip": "builtin:toy-clip", "dino": "builtin:toy-clip", "seeds": [0, 1]}
@@ -318,8 +318,8 @@ def test_sigterm_at_a_scored_step_checkpoints_it_unscored_and_the_rerun_scores_i
 def test_the_report_page_shows_stored_values_as_text_and_numbers_only(tmp_path: Path):
     """Whoever can write to the output store writes what the page shows: strings are escaped, statuses are
     the known ones, numbers are numbers (a string where a score belongs is no score)."""
-    from dbbatch.report import build
-    from dbbatch.storage import Storage
+    from dbbatch.quality.report import build
+    from dbbatch.store.storage import Storage
 
     evil = '"><script>alert(1)</script>'
     (tmp_path / "a").mkdir()

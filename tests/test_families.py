@@ -1,4 +1,4 @@
-"""Model families (dbbatch/families/): SD 1.x/2.x and SDXL behind one interface.
+"""Model families (dbbatch/models/families/): SD 1.x/2.x and SDXL behind one interface.
 
 - `dbbatch tiny-model --arch tiny-sdxl` writes an SDXL-shaped folder that StableDiffusionXLPipeline loads;
 - for each family: image i is the same made alone or in a batch, and classifier-free guidance is one batched
@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAMILY_ARCHS, run_cli, tiny_manifest
-from dbbatch.errors import ModelError
-from dbbatch.manifest import PriorConfig, SdxlSettings
+
+from dbbatch.config.settings import PriorConfig, SdxlSettings
+from dbbatch.core.errors import ModelError
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict:
-    from dbbatch.models import load_base_model
+    from dbbatch.models.loading import load_base_model
 
     cache = tmp_path_factory.mktemp("family-cache")
     return {family: load_base_model(f"builtin:{arch}", None, cache, None) for family, arch in FAMILY_ARCHS.items()}
@@ -57,7 +57,7 @@ def test_tiny_sdxl_folder_is_sdxl_shaped_and_loads_with_the_sdxl_pipeline(family
 
 @pytest.mark.parametrize("family", list(FAMILY_ARCHS))
 def test_an_image_is_the_same_alone_or_batched_and_guidance_is_one_forward(models, family: str):
-    from dbbatch.sampling import generate
+    from dbbatch.models.sampling import generate
 
     model = models[family]
     shapes = []
@@ -107,7 +107,7 @@ def test_training_conditioning_is_what_the_pipeline_computes(models, family: str
 
 
 def test_an_unsupported_pipeline_class_is_one_line_naming_it_and_the_supported_ones(tmp_path: Path, tiny_model_dir: Path):
-    from dbbatch.models import load_base_model
+    from dbbatch.models.loading import load_base_model
 
     folder = tmp_path / "flux"
     shutil.copytree(tiny_model_dir, folder)
@@ -126,7 +126,7 @@ def test_an_unsupported_pipeline_class_is_one_line_naming_it_and_the_supported_o
 
 
 def test_priors_cache_key_carries_the_family_and_its_micro_conditioning(models):
-    from dbbatch.priors import model_prior_spec, prior_key, prior_spec
+    from dbbatch.batch.priors import model_prior_spec, prior_key, prior_spec
 
     priors = PriorConfig(num_images=2)
     sd = model_prior_spec(models["sd"], "a photo of dog", 64, priors, None)

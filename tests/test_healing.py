@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import cli_env, draw_subject, run_cli, start_at_fault, tiny_manifest
+from safetensors.torch import load_file
 from test_hostile_inputs import record  # scripts/hostile_corpus.py lists these cases too
 
 STEPS, EVERY = 12, 4
@@ -70,9 +69,10 @@ def reference(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 
 
 def test_fingerprint_names_what_decides_the_result_and_ignores_what_does_not(tmp_path: Path):
-    from dbbatch.checkpoints import RESUME_SETTINGS
-    from dbbatch.fingerprints import changes, images_digest, stage_fingerprint, subject_fingerprint
-    from dbbatch.manifest import load_manifest, resolve_subjects
+    from dbbatch.config.resolve import resolve_subjects
+    from dbbatch.models.defaults import load_manifest
+    from dbbatch.store.fingerprints import changes, images_digest, stage_fingerprint, subject_fingerprint
+    from dbbatch.train.checkpoints import RESUME_SETTINGS
 
     def subject(tmp: Path, **train):
         m, base = load_manifest(_manifest(tmp, "fp", **train))

@@ -16,16 +16,14 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+import hostile_files as hf
 import pytest
 import yaml
-
-import hostile_files as hf
 from conftest import REPO, cli_env, draw_subject, run_cli
 
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR) (.*)$")
@@ -483,12 +481,12 @@ def test_every_manifest_problem_is_reported_at_once(tmp_path: Path, cli_in_proce
 
 def test_unexpected_error_is_one_line_and_traceback_only_with_debug(tmp_path: Path, cli_in_process, monkeypatch):
     """The last line of defence: an exception we did not foresee still prints one line, exit 1."""
-    import dbbatch.validation
+    import dbbatch.batch.validation
 
     def broken(*args, **kwargs):
         raise KeyError("vae")
 
-    monkeypatch.setattr(dbbatch.validation, "check_manifest", broken)
+    monkeypatch.setattr(dbbatch.batch.validation, "check_manifest", broken)
     draw_subject(tmp_path / "imgs", n=1, size=40)
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(doc()))
     got = cli_in_process("validate", "m.yaml", cwd=tmp_path)
@@ -799,7 +797,7 @@ def test_nothing_from_storage_is_unpickled(batch: Batch):
 def test_full_disk_keeps_the_previous_checkpoint_and_a_rerun_resumes_from_it(batch: Batch):
     import torch
 
-    from dbbatch.checkpoints import read_meta
+    from dbbatch.train.checkpoints import read_meta
 
     stored = sorted((batch.dir / "out" / "disk-full" / "checkpoints").iterdir())
     assert [p.name for p in stored] == ["step-0000001.ckpt"]
@@ -842,7 +840,7 @@ def test_secrets_never_written(batch: Batch):
 
 def test_generated_names_come_only_from_validated_ids(batch: Batch):
     """Everything the batch wrote lies in <output>/<subject id>/ (or _runs/); ids were checked by the manifest."""
-    from dbbatch.manifest import id_problem
+    from dbbatch.config.ids import id_problem
 
     top = {p.name for p in (batch.dir / "out").iterdir()}
     kept = {"_runs", "_priors", "_leases", "_report", "_mlflow"}  # _mlflow: tracking.mlflow's local store

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
+import hostile_files as hf
 import pytest
 from PIL import Image
 
-import hostile_files as hf
-from dbbatch.errors import ImageError
-from dbbatch.images import MAX_PIXELS, MIN_SIDE, decode, decode_all, decode_files, pick_image_files
+from dbbatch.core.errors import ImageError
+from dbbatch.train.images import MAX_PIXELS, MIN_SIDE, decode, decode_all, decode_files, pick_image_files
 
 
 def corner(img: Image.Image, where: str) -> tuple[int, int, int]:

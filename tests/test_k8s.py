@@ -9,11 +9,11 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-
 from conftest import REPO, run_cli
-from dbbatch import k8s
-from dbbatch.errors import InputError, ManifestError
-from dbbatch.manifest import parse_manifest
+
+from dbbatch.config.parse import parse_manifest
+from dbbatch.core.errors import InputError, ManifestError
+from dbbatch.deploy import k8s
 
 # kubernetes-validate picks the newest schema not newer than the version asked for; these are the exact
 # schema folders its wheel ships (v1.30.0-local-strict, v1.33.0-local-strict)

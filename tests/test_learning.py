@@ -1,4 +1,4 @@
-"""Learning, measured on builtin:toy-sd with the toy world's colour checker (dbbatch/toyworld.py).
+"""Learning, measured on builtin:toy-sd with the toy world's colour checker (dbbatch/models/toyworld.py).
 
 1. The base model follows prompts it never saw in pretraining: held-out (colour, shape, background) triples.
 2. DreamBooth does what the paper does, on a subject the world never contains (a square split blue-left /
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from scripts import measure_toy
 
 TRAIN_SEEDS = [0, 1]
@@ -42,7 +42,7 @@ def one_thread():
 
 
 def test_toy_sd_follows_held_out_prompts(tmp_path: Path):
-    from dbbatch.models import load_base_model
+    from dbbatch.models.loading import load_base_model
 
     with one_thread():
         model = load_base_model("builtin:toy-sd", None, tmp_path / "cache", None)
@@ -104,7 +104,7 @@ def test_lora_dreambooth_learns_the_subject_and_base_model_priors_keep_the_class
     moves much less than with prior preservation off (class_drift: noise predictions on class images)."""
     out = measure_toy.run_dreambooth(tmp_path, [0], work_env, lora=True, run=run_cli)
     with one_thread():
-        from dbbatch.models import load_base_model
+        from dbbatch.models.loading import load_base_model
 
         base = load_base_model("builtin:toy-sd", None, tmp_path / "cache", None)
         scores = {s["id"]: {**measure_toy.subject_scores(base, out / s["id"] / "lora", SAMPLE_SEEDS),
@@ -145,9 +145,8 @@ def test_keep_best_publishes_an_earlier_step_when_later_steps_over_fit_and_its_w
     dino - class_drift, an earlier step wins; the published UNet is bitwise that step's checkpoint and not the
     last step's (negative control)."""
     import yaml
-    from safetensors.torch import load_file
-
     from conftest import start_at_fault
+    from safetensors.torch import load_file
 
     photos = tmp_path / "photos"
     measure_toy.draw_subject_photos(photos)

@@ -22,12 +22,21 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import (
+    FAMILY_ARCHS,
+    cli_env,
+    draw_subject,
+    pipeline_class,
+    render_stored_samples,
+    run_cli,
+    start_at_fault,
+    tiny_manifest,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import FAMILY_ARCHS, cli_env, draw_subject, pipeline_class, render_stored_samples, run_cli, start_at_fault, tiny_manifest
-from dbbatch.lora import PRESETS, adaptable_layers, resolve_targets
-from dbbatch.lora_export import _clip_layout
+from dbbatch.models.lora import PRESETS, adaptable_layers, resolve_targets
+from dbbatch.models.lora_export import _clip_layout
 
 STEPS = 12
 LORA = {"rank": 4, "alpha": 8}
@@ -80,9 +89,9 @@ def test_presets_and_patterns_select_layers_and_name_what_matches_nothing():
 def test_only_the_adapters_train_and_removing_them_restores_the_base_bitwise(tmp_path: Path):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from dbbatch import lora
-    from dbbatch.manifest import LoraSettings
-    from dbbatch.models import load_base_model
+    from dbbatch.config.settings import LoraSettings
+    from dbbatch.models import lora
+    from dbbatch.models.loading import load_base_model
 
     model = load_base_model("builtin:tiny-sd", None, tmp_path / "cache", None)
     before = {name: {k: v.clone() for k, v in getattr(model, name).state_dict().items()} for name in ("unet", "text_encoder")}
@@ -185,7 +194,7 @@ def test_kohya_file_follows_the_a1111_naming_rules_and_carries_its_metadata(runs
         assert part in A1111_PARTS, key
         assert any(re.fullmatch(rule, layer) for rule in A1111_LAYER_RULES), f"A1111 cannot place {key}"
         layers.setdefault(layer, {})[part] = value
-    from dbbatch.models import load_base_model
+    from dbbatch.models.loading import load_base_model
 
     model = load_base_model(str(runs["base"]), None, runs["both"].parent / "cache", None)
     unet_layers = {"lora_unet_" + n.replace(".", "_"): n for n in resolve_targets(adaptable_layers(model.unet), "all-linear+conv")[0]}

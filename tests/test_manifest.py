@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
-from dbbatch.errors import ManifestError
-from dbbatch.manifest import id_problem, load_manifest, parse_manifest, resolve_subjects
+
+from dbbatch.config.ids import id_problem
+from dbbatch.config.parse import parse_manifest
+from dbbatch.config.resolve import resolve_subjects
+from dbbatch.core.errors import ManifestError
+from dbbatch.models.defaults import load_manifest
 
 BASE = "output: out\nsubjects:\n  - {id: rex, token: sks, class_noun: dog, images: imgs/}\n"
 
@@ -104,8 +107,8 @@ def test_geometry_from_configs_matches_what_the_vae_does(arch):
     import torch
     from diffusers import AutoencoderKL
 
-    from dbbatch.models import ARCHS
-    from dbbatch.validation import model_geometry
+    from dbbatch.batch.model_checks import model_geometry
+    from dbbatch.models.builtin import ARCHS
 
     factor, native = model_geometry(f"builtin:{arch}", None, storage=None, check_remote=False)
     vae = AutoencoderKL(**ARCHS[arch]["vae"])
@@ -116,7 +119,7 @@ def test_geometry_from_configs_matches_what_the_vae_does(arch):
 
 
 def test_geometry_of_a_diffusers_folder_needs_only_its_configs(tmp_path: Path):
-    from dbbatch.validation import model_geometry
+    from dbbatch.batch.model_checks import model_geometry
 
     (tmp_path / "vae").mkdir()
     (tmp_path / "unet").mkdir()
@@ -128,8 +131,8 @@ def test_geometry_of_a_diffusers_folder_needs_only_its_configs(tmp_path: Path):
 
 
 def test_protocol_did_you_mean():
-    from dbbatch.storage import Storage
-    from dbbatch.validation import location_problem
+    from dbbatch.batch.validation import location_problem
+    from dbbatch.store.storage import Storage
 
     assert location_problem(Storage(), "memory://ok/out", "output") is None
     assert location_problem(Storage(), "gz://b/out", "output").endswith("did you mean 'gs://'?")

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import run_cli
-from dbbatch.errors import ManifestError
-from dbbatch.manifest import apply_model_defaults, load_manifest, parse_manifest, resolve_subjects
-from dbbatch.models import MODEL_DEFAULTS_FILE, PRETRAINED, model_defaults
+
+from dbbatch.config.parse import parse_manifest
+from dbbatch.config.resolve import apply_model_defaults, resolve_subjects
+from dbbatch.core.errors import ManifestError
+from dbbatch.models.assets import PRETRAINED
+from dbbatch.models.defaults import MODEL_DEFAULTS_FILE, load_manifest, model_defaults
 
 CARRIED = {"resolution": 32, "class_prompt": "a photo of a {class_noun}",
            "train": {"learning_rate": 3e-4, "max_steps": 120}, "priors": {"num_images": 5}}
@@ -93,7 +95,7 @@ def test_toy_sd_carries_its_defaults_and_validate_prints_them(tmp_path: Path):
 def test_learning_rate_null_resolves_per_method_from_the_model_then_dbbatch():
     """train.learning_rate null: the base model's rate for the subject's method, else 5e-6 (full) / 1e-4 (lora);
     a rate the manifest sets wins over both."""
-    from dbbatch.manifest import apply_model_defaults
+    from dbbatch.config.resolve import apply_model_defaults
 
     def subjects(**defaults_train):
         m = parse_manifest(yaml.safe_dump({"output": "o", "defaults": {"train": defaults_train} if defaults_train else {},

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_env, draw_subject, run_cli, spawn_cli, start_at_fault, tiny_manifest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import cli_env, draw_subject, run_cli, spawn_cli, start_at_fault, tiny_manifest
-from dbbatch.packing import StoredCohort, alone_reason, cohorts
+from dbbatch.config.packing import StoredCohort, alone_reason, cohorts
 
 TOL = 1e-5
 IDS = ("rex", "tom", "max")
@@ -38,7 +38,8 @@ COLORS = {"rex": (220, 30, 30), "tom": (30, 30, 220), "max": (30, 200, 30)}
 
 # -- grouping (pure) ----------------------------------------------------------------------------------------
 def _subjects(entries: list[dict], per_step: int = 3) -> list:
-    from dbbatch.manifest import Manifest, resolve_subjects
+    from dbbatch.config.manifest import Manifest
+    from dbbatch.config.resolve import resolve_subjects
 
     subjects = [{"id": e.pop("id"), "token": "sks", "class_noun": "dog", "images": "x/", **e} for e in entries]
     m = Manifest.model_validate({"output": "o", "packing": {"subjects_per_step": per_step},
@@ -260,8 +261,6 @@ def test_a_nan_in_one_subject_fails_it_alone_at_its_step(world, reference, clip)
 
 
 def test_queue_workers_claim_a_cohort_each_and_train_every_subject_once(world):
-    import subprocess
-    import sys
 
     ids = ["q1", "q2", "q3", "q4"]
     subjects = [{"id": i, "token": "sks", "class_noun": "dog", "images": f"imgs/{IDS[n % 3]}/", "train": {"seed": n}}
@@ -303,8 +302,8 @@ def test_a_nan_fails_a_solo_subject_too_and_the_next_subject_trains(world):
 
 
 def test_validate_warns_when_packing_is_set_and_no_two_subjects_can_share_a_step():
-    from dbbatch.manifest import Manifest
-    from dbbatch.validation import packing_warnings
+    from dbbatch.batch.validation import packing_warnings
+    from dbbatch.config.manifest import Manifest
 
     def manifest(method_b: str) -> Manifest:
         return Manifest.model_validate({"output": "o", "packing": {"subjects_per_step": 4}, "defaults": {"train": {"method": "lora"}},
@@ -320,12 +319,12 @@ def test_validate_warns_when_packing_is_set_and_no_two_subjects_can_share_a_step
 def test_kernels_per_step_do_not_grow_with_the_number_of_subjects(tmp_path: Path):
     from torch.profiler import ProfilerActivity, profile
 
-    from dbbatch.lora import adaptable_layers, adapter_state, attach, detach, resolve_targets
-    from dbbatch.manifest import LoraSettings, TrainConfig
-    from dbbatch.models import load_base_model
-    from dbbatch.packed_lora import attach_packed, detach_packed
-    from dbbatch.packed_training import CohortData, CohortModule, Member
-    from dbbatch.storage import Storage
+    from dbbatch.config.settings import LoraSettings, TrainConfig
+    from dbbatch.models.loading import load_base_model
+    from dbbatch.models.lora import adaptable_layers, adapter_state, attach, detach, resolve_targets
+    from dbbatch.models.packed_lora import attach_packed, detach_packed
+    from dbbatch.store.storage import Storage
+    from dbbatch.train.packed_training import CohortData, CohortModule, Member
 
     model = load_base_model("builtin:tiny-sd", None, tmp_path / "cache", Storage({}))
     lora = LoraSettings(rank=4)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli_env, draw_subject, run_cli, tiny_manifest
 from PIL import Image
 
-from conftest import cli_env, draw_subject, run_cli, tiny_manifest
-from dbbatch.manifest import PriorConfig
-from dbbatch.priors import image_name, missing_indices, prior_key, prior_spec
+from dbbatch.batch.priors import image_name, missing_indices, prior_key, prior_spec
+from dbbatch.config.settings import PriorConfig
 
 
 def test_key_covers_what_changes_pixels_but_not_the_count():
@@ -29,13 +29,13 @@ def test_key_covers_what_changes_pixels_but_not_the_count():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from dbbatch.models import load_base_model
+    from dbbatch.models.loading import load_base_model
 
     return load_base_model("builtin:tiny-sd", None, tmp_path_factory.mktemp("cache"), None)
 
 
 def test_image_i_is_the_same_alone_or_in_a_batch(tiny):
-    from dbbatch.sampling import generate
+    from dbbatch.models.sampling import generate
 
     batch = generate(tiny, ["a photo of dog"] * 3, [5, 6, 7], 32, 4, 7.5, batch_size=3)
     alone = generate(tiny, ["a photo of dog"], [7], 32, 4, 7.5, batch_size=1)

@@ -1,10 +1,8 @@
 """The README's commands are what CI runs: make test, make demo, then every dbbatch line (scripts/check_readme.py)."""
 
-from pathlib import Path
+import importlib.util
 
 from conftest import REPO
-
-import importlib.util
 
 spec = importlib.util.spec_from_file_location("check_readme", REPO / "scripts" / "check_readme.py")
 check_readme = importlib.util.module_from_spec(spec)
@@ -23,7 +21,7 @@ def test_ci_runs_the_readme_commands():
 
 
 def test_every_shipped_manifest_starts_with_its_command_and_validates():
-    from dbbatch.manifest import load_manifest
+    from dbbatch.models.defaults import load_manifest
 
     for path in sorted((REPO / "manifests").glob("*.yaml")):
         first = path.read_text().splitlines()[0]
@@ -34,7 +32,8 @@ def test_every_shipped_manifest_starts_with_its_command_and_validates():
 def test_the_readme_manifest_example_is_a_valid_manifest():
     import re
 
-    from dbbatch.manifest import parse_manifest, resolve_subjects
+    from dbbatch.config.parse import parse_manifest
+    from dbbatch.config.resolve import resolve_subjects
 
     block = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)[0]
     subjects = resolve_subjects(parse_manifest(block, "README.md"), None)
@@ -45,7 +44,8 @@ def test_the_readme_manifest_example_is_a_valid_manifest():
 def test_the_readme_tracking_and_sweep_examples_are_valid():
     import re
 
-    from dbbatch.manifest import parse_manifest, resolve_subjects
+    from dbbatch.config.parse import parse_manifest
+    from dbbatch.config.resolve import resolve_subjects
 
     blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
     tracking = next(b for b in blocks if b.startswith("tracking:"))

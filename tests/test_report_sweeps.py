@@ -19,9 +19,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from dbbatch.report import Entry, build, sweep_groups
-from dbbatch.report_plots import sweep_png
-from dbbatch.storage import Storage
+from dbbatch.quality.report import build
+from dbbatch.quality.report_collect import Entry, sweep_groups
+from dbbatch.quality.report_plots import sweep_png
+from dbbatch.store.storage import Storage
 
 METRICS = ("dino", "clip_i", "clip_t", "class_drift", "pres")
 LR, RANK = "train.learning_rate", "train.lora.rank"

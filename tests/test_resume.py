@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAMILY_ARCHS, cli_env, draw_subject, run_cli, spawn_cli, start_at_fault, tiny_manifest
 from safetensors.torch import load_file
 
-from conftest import FAMILY_ARCHS, cli_env, draw_subject, run_cli, spawn_cli, start_at_fault, tiny_manifest
-from dbbatch.models import BUILTIN_VERSION
+from dbbatch.models.builtin import BUILTIN_VERSION
 
 STEPS, EVERY = 12, 4
 

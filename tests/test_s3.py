@@ -12,8 +12,6 @@ import json
 import logging
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import tracemalloc
@@ -22,8 +20,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from conftest import FAMILY_ARCHS, REPO, S3, draw_subject, free_port, pipeline_class, render_stored_samples, run_cli, spawn_cli, tiny_manifest
+from conftest import (
+    FAMILY_ARCHS,
+    REPO,
+    S3,
+    draw_subject,
+    free_port,
+    pipeline_class,
+    render_stored_samples,
+    run_cli,
+    spawn_cli,
+    tiny_manifest,
+)
 
 OUTPUTS = ["_SUCCESS", "_stage.json", "metrics.json", "config.yaml", "samples/grid.png", "samples/prompts.json",
            "model/model_index.json", "model/unet/diffusion_pytorch_model.safetensors",
@@ -327,7 +335,7 @@ def test_validate_checks_images_and_output_on_s3(s3: S3, tmp_path: Path, tiny_mo
 
 
 def test_transient_failure_is_retried_until_the_endpoint_is_back(s3: S3, proxy: CuttableProxy, monkeypatch, caplog):
-    from dbbatch.storage import Storage
+    from dbbatch.store.storage import Storage
 
     s3.fs().pipe_file(s3.url("a.txt"), b"hello")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
@@ -340,20 +348,20 @@ def test_transient_failure_is_retried_until_the_endpoint_is_back(s3: S3, proxy: 
                 proxy.restore()
 
     handler = RestoreOnRetry()
-    logging.getLogger("dbbatch.storage").addHandler(handler)
+    logging.getLogger("dbbatch.store.storage").addHandler(handler)
     try:
-        with caplog.at_level(logging.WARNING, logger="dbbatch.storage"):
+        with caplog.at_level(logging.WARNING, logger="dbbatch.store.storage"):
             assert storage.read_bytes(s3.url("a.txt")) == b"hello"
     finally:
-        logging.getLogger("dbbatch.storage").removeHandler(handler)
+        logging.getLogger("dbbatch.store.storage").removeHandler(handler)
     retries = [r.getMessage() for r in caplog.records]
     assert len(retries) == 1 and retries[0].startswith(f"retrying read of {s3.url('a.txt')} in ")
     assert "EndpointConnectionError" in retries[0]
 
 
 def test_large_upload_is_multipart_streamed_with_progress(s3: S3, tmp_path: Path, caplog):
-    from dbbatch.progress import Reporter
-    from dbbatch.storage import Storage
+    from dbbatch.core.progress import Reporter
+    from dbbatch.store.storage import Storage
 
     part, parts = 5 * 2**20, 8  # S3's smallest part size
     big = tmp_path / "unet.bin"
@@ -384,15 +392,15 @@ def test_large_upload_is_multipart_streamed_with_progress(s3: S3, tmp_path: Path
 
 
 def test_remote_base_model_cache_follows_its_content(s3: S3, tmp_path: Path, caplog):
-    from dbbatch.models import fetch_remote_folder
-    from dbbatch.storage import Storage
+    from dbbatch.models.loading import fetch_remote_folder
+    from dbbatch.store.storage import Storage
 
     fs = s3.fs()
     url = s3.url("models", "m")
     fs.pipe_file(f"{url}/model_index.json", b"{}")
     fs.pipe_file(f"{url}/unet/w.safetensors", b"v1")
     storage, cache = Storage(), tmp_path / "cache"
-    with caplog.at_level(logging.INFO, logger="dbbatch.models"):
+    with caplog.at_level(logging.INFO, logger="dbbatch.models.loading"):
         first = fetch_remote_folder(url, cache, storage)
         assert (first / "unet" / "w.safetensors").read_bytes() == b"v1"
         assert fetch_remote_folder(url, cache, storage) == first
@@ -404,7 +412,7 @@ def test_remote_base_model_cache_follows_its_content(s3: S3, tmp_path: Path, cap
     assert not first.exists(), "the stale copy of the same URL is removed"
     assert sorted(p.name for p in (cache / "models").iterdir()) == [second.name]
 
-    from dbbatch.errors import ModelError
+    from dbbatch.core.errors import ModelError
 
     with pytest.raises(ModelError, match="no diffusers folder there"):
         fetch_remote_folder(s3.url("models", "absent"), cache, storage)

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, cli_env, run_cli, tiny_manifest
-from dbbatch.sharding import select, shard_of
+
+from dbbatch.config.sharding import select, shard_of
 
 IDS = [f"subject-{i:04d}" for i in range(600)]
 
@@ -42,7 +42,7 @@ def test_shards_are_roughly_even():
 
 def test_assignment_is_the_same_in_every_process():
     # Python's hash() of a str changes per process (PYTHONHASHSEED); shards computed by different pods must agree
-    code = "import json, sys; from dbbatch.sharding import shard_of; print(json.dumps([shard_of(i, 5) for i in sys.argv[1:]]))"
+    code = "import json, sys; from dbbatch.config.sharding import shard_of; print(json.dumps([shard_of(i, 5) for i in sys.argv[1:]]))"
     outs = set()
     for seed in ("1", "2", "random"):
         env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(REPO))

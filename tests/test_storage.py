@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from dbbatch.errors import StorageError
-from dbbatch.storage import (
-    FileInfo, Storage, _advice, _is_permanent, backoff_delay, listing_digest, redact, secret_option_paths,
-)
+from dbbatch.core.errors import StorageError
+from dbbatch.store.failures import advice, backoff_delay, is_permanent
+from dbbatch.store.locations import FileInfo, listing_digest, redact, secret_option_paths
+from dbbatch.store.storage import Storage
 
 
 @pytest.fixture
@@ -144,10 +144,10 @@ def _classify_cases():
 
 def test_failures_are_classified_with_advice():
     for exc, permanent, fragment in _classify_cases():
-        assert _is_permanent(exc) is permanent, f"{exc!r}"
-        assert fragment in _advice(exc, "s3://bkt/out/x.png"), f"{exc!r}: {_advice(exc, 's3://bkt/out/x.png')}"
-    assert _advice(PermissionError(13, "Permission denied"), "/data/out") == "permission denied; check the permissions of the path and its folder"
-    assert _advice(_client_error("AccessDenied", 403), "gs://bkt/x").endswith("(set GOOGLE_APPLICATION_CREDENTIALS, or give the pod a workload identity)")
+        assert is_permanent(exc) is permanent, f"{exc!r}"
+        assert fragment in advice(exc, "s3://bkt/out/x.png"), f"{exc!r}: {advice(exc, 's3://bkt/out/x.png')}"
+    assert advice(PermissionError(13, "Permission denied"), "/data/out") == "permission denied; check the permissions of the path and its folder"
+    assert advice(_client_error("AccessDenied", 403), "gs://bkt/x").endswith("(set GOOGLE_APPLICATION_CREDENTIALS, or give the pod a workload identity)")
 
 
 def test_transient_failures_are_retried_permanent_ones_are_not(caplog):
@@ -160,7 +160,7 @@ def test_transient_failures_are_retried_permanent_ones_are_not(caplog):
             raise ConnectionResetError(104, "Connection reset by peer")
         return "ok"
 
-    with caplog.at_level(logging.WARNING, logger="dbbatch.storage"):
+    with caplog.at_level(logging.WARNING, logger="dbbatch.store.storage"):
         assert storage._call("read", "memory://x/y", flaky) == "ok"
     assert len(calls) == 3
     assert [r.getMessage().split(" in ")[0] for r in caplog.records] == ["retrying read of memory://x/y"] * 2
@@ -183,7 +183,7 @@ def test_transient_failures_are_retried_permanent_ones_are_not(caplog):
 
 def test_permanent_failure_names_the_url_at_once(mem: str, caplog):
     storage = Storage(attempts=5, backoff_seconds=10)  # a retry would take seconds
-    with caplog.at_level(logging.WARNING, logger="dbbatch.storage"):
+    with caplog.at_level(logging.WARNING, logger="dbbatch.store.storage"):
         with pytest.raises(StorageError) as e:
             storage.read_bytes(f"{mem}/photos/missing.png")
     assert str(e.value) == f"cannot read {mem}/photos/missing.png: no such file or object; check the path"

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, cli_env, draw_subject, run_cli, tiny_manifest
-from dbbatch.manifest import parse_manifest, resolve_subjects
-from dbbatch.sweeps import expand, format_value, short_names, value_labels
+
+from dbbatch.config.parse import parse_manifest
+from dbbatch.config.resolve import resolve_subjects
+from dbbatch.config.sweeps import expand, format_value, short_names, value_labels
 
 ISSUE_SWEEP = {"train.learning_rate": [1.0e-4, 5.0e-5], "train.lora.rank": [4, 16]}
 
@@ -135,7 +136,7 @@ def test_a_2x2_sweep_on_the_toy_world_names_its_best_variant(tmp_path: Path):
 
 
 def test_problems_name_the_entry_of_the_file_and_a_shared_problem_once():
-    from dbbatch.errors import ManifestError
+    from dbbatch.core.errors import ManifestError
 
     text = """
 output: out

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, cli_env, draw_subject, run_cli
 
 STEPS = 3
@@ -36,10 +35,12 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def run_batch(shared: dict[str, Path], name: str, subjects: list[dict], per_subject=None, **manifest_keys):
     """Run a manifest through the worker in-process; `per_subject(batch, subject)` is called before each one."""
-    from dbbatch.manifest import load_manifest, resolve_subjects
-    from dbbatch.storage import Storage
-    from dbbatch.validation import locations
-    from dbbatch.worker import Batch, RunOptions
+    from dbbatch.batch.batch import Batch
+    from dbbatch.batch.results import RunOptions
+    from dbbatch.batch.validation import locations
+    from dbbatch.config.resolve import resolve_subjects
+    from dbbatch.models.defaults import load_manifest
+    from dbbatch.store.storage import Storage
 
     folder = shared["root"] / name
     folder.mkdir()
@@ -114,7 +115,7 @@ def test_mixed_precision_and_gradient_checkpointing_really_apply(shared, caplog)
 def test_unet_uses_scaled_dot_product_attention(shared):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from dbbatch.models import load_base_model
+    from dbbatch.models.loading import load_base_model
 
     model = load_base_model("builtin:tiny-sd", None, shared["work"] / "cache", None)
     processors = model.unet.attn_processors
@@ -132,7 +133,7 @@ def test_fp16_and_delta_outputs(shared):
     """full fp32 vs delta vs full fp16 from the same training (CPU training is deterministic)."""
     import torch
 
-    from dbbatch.models import load_base_model, load_pipeline
+    from dbbatch.models.loading import load_base_model, load_pipeline
 
     _, full = run_batch(shared, "full", [{"id": "rex"}])
     _, delta = run_batch(shared, "delta", [{"id": "rex"}], model_format="delta")
@@ -213,7 +214,7 @@ def test_builtin_architectures_have_the_promised_sizes():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dbbatch.models import ARCHS
+    from dbbatch.models.builtin import ARCHS
 
     def params(arch: str) -> dict[str, float]:
         spec = ARCHS[arch]

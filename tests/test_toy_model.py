@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, cli_env, run_cli
-from dbbatch.models import PRETRAINED, PRETRAINED_CLIP, WEIGHT_SUMS
+
+from dbbatch.models.assets import PRETRAINED, PRETRAINED_CLIP, WEIGHT_SUMS
 
 TOY_SD = PRETRAINED["toy-sd"]
 LOG = TOY_SD / "pretrain_log.jsonl"
@@ -61,11 +61,10 @@ def test_toy_sd_written_as_a_folder_loads_in_diffusers(tmp_path: Path):
 
 def test_toy_clip_loads_and_tells_captions_apart():
     import torch
-
-    from dbbatch import toyworld
-    from dbbatch.models import load_builtin_clip
-
     from PIL import Image
+
+    from dbbatch.models import toyworld
+    from dbbatch.models.assets import load_builtin_clip
 
     model, tokenizer, processor = load_builtin_clip("toy-clip")
     scene = toyworld.Scene("red", "circle", "blue", 16, 16, 9)

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from dbbatch import toyworld as tw
+from dbbatch.models import toyworld as tw
 
 
 def test_vocabulary_is_the_issues():

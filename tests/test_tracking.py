@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import cli_env, draw_subject, free_port, run_cli, start_at_fault, tiny_manifest
 from tracking_files import mlflow_series, series, tensorboard_scalars, wandb_runs
 

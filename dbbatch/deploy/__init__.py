@@ -1,0 +1,1 @@
+"""Deployment: the Kubernetes objects (ConfigMap, Indexed Job) for a batch."""
