@@ -245,7 +245,9 @@ def run(
         raise _fail(e) from None
     finally:
         reporter.stop()
-    preempted = any(r.status == "preempted" for r in results)
+    # A stop signal exits 128 + its number whenever it came, even after the last subject was published: exit 0
+    # would tell Kubernetes the index succeeded while a subject it preempted may be unfinished.
+    preempted = any(r.status == "preempted" for r in results) or signals.requested()
     summary = batch.write_report(results, {"shard_index": shard_index, "shard_count": shard_count,
                                            "preempted": preempted, "stop_signal": signals.name() if preempted else None,
                                            "sigterm_to_exit_seconds": round(signals.seconds_since_request(), 3) if preempted else None})

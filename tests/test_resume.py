@@ -126,6 +126,45 @@ def test_sigterm_stores_a_checkpoint_and_exits_143(tmp_path: Path, uninterrupted
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+# A stop signal that lands while a checkpoint is written or uploaded came between the step-boundary check and
+# Lightning's own: Lightning then ended `fit` with its SIGTERMException, a SystemExit, and the run exited 0 with
+# the subject unfinished (issue 28; before the fix both cases here exited 0).
+@pytest.mark.parametrize("fault", ["sigterm_at_checkpoint=4", "pause_at_upload=step-0000004.ckpt"])
+def test_sigterm_while_a_checkpoint_is_written_or_uploaded_exits_143_and_resumes_exactly(tmp_path: Path, uninterrupted,
+                                                                                         fault: str):
+    m = _manifest(tmp_path, "termed")
+    if fault.startswith("sigterm_at_checkpoint"):  # the process signals itself mid-write
+        proc = spawn_cli("run", str(m), env=cli_env(DBBATCH_WORK_DIR=str(tmp_path / "pod1"), DBBATCH_FAULTS=fault))
+    else:  # paused mid-upload of the checkpoint to the output store
+        proc, _ = start_at_fault(m, tmp_path / "pod1", fault)
+        proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "rex: SIGTERM received; checkpoint at step 4 stored" in stderr
+    assert sorted(p.name for p in (tmp_path / "termed" / "rex" / "checkpoints").glob("*.ckpt")) == ["step-0000004.ckpt"]
+    report = json.loads(next((tmp_path / "termed" / "_runs").glob("*.json")).read_text())
+    assert report["preempted"] is True and report["subjects"][0]["status"] == "preempted"
+
+    rerun = run_cli("run", str(m), env=cli_env(DBBATCH_WORK_DIR=str(tmp_path / "pod2")))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "step-0000004.ckpt" in rerun.stderr
+    a, b = _trained(uninterrupted(False)), _trained(tmp_path / "termed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_after_the_last_subject_is_published_still_exits_143(tmp_path: Path):
+    """Exit 0 would tell Kubernetes the index succeeded: whenever a stop signal came, the exit says so. The
+    published subject stays published; the rerun Kubernetes makes skips it."""
+    m = _manifest(tmp_path, "late", max_steps=4)
+    proc, _ = start_at_fault(m, tmp_path / "pod1", "pause_at_publish=success")  # _SUCCESS is written
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert (tmp_path / "late" / "rex" / "_SUCCESS").exists()
+    rerun = run_cli("run", str(m), env=cli_env(DBBATCH_WORK_DIR=str(tmp_path / "pod2")))
+    assert rerun.returncode == 0 and "rex: already done" in rerun.stderr, rerun.stderr
+
+
 @pytest.mark.parametrize("family", list(FAMILY_ARCHS))
 def test_checkpoint_holds_only_trainable_weights(tmp_path: Path, family: str):
     for te in (False, True):

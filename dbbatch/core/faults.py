@@ -8,6 +8,9 @@ DBBATCH_FAULTS is a ';'-separated list:
   disk_full_checkpoint[=STEP]
                        when writing a checkpoint (only the one of step STEP, if given), raise ENOSPC after
                        writing part of the file
+  sigterm_at_checkpoint=STEP
+                       while writing checkpoint STEP (still its `.part` file), send this process SIGTERM (a
+                       preemption that lands mid-save)
   disk_full_model=ID   when writing subject ID's fine-tuned model folder, write part of the UNet file and raise
                        the error safetensors raises on a full disk
   pause_at_upload=NAME when writing a file named NAME to a local output (Storage.upload, write_bytes), while it
@@ -85,6 +88,10 @@ def nan_member(step: int) -> Optional[str]:
 def on_checkpoint_write(path: Path) -> None:
     f = _faults()
     step = re.search(r"step-(\d+)", path.name)
+    if "sigterm_at_checkpoint" in f and step and int(step.group(1)) == int(f["sigterm_at_checkpoint"]):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)
     if "disk_full_checkpoint" in f and (not f["disk_full_checkpoint"] or (step and int(step.group(1)) == int(f["disk_full_checkpoint"]))):
         with open(path, "wb") as fh:
             fh.write(b"\0" * 1024)

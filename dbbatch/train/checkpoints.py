@@ -173,10 +173,12 @@ class StoreCheckpoints(pl.Callback):
         self._guard("the next training step")
         at_boundary = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         step = trainer.global_step
-        requested = signals.requested()
-        if trainer.world_size > 1:
-            # DDP: saving is collective, so every rank must take the same branch at the same step.
-            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        requested = self._stop_requested(trainer)
+        if not requested and at_boundary and step % self.every == 0 and step != self.last_saved and step < self.max_steps:
+            self.save(trainer, step)
+            # A stop signal that came while this checkpoint was written or uploaded: Lightning saw it too and
+            # would end `fit` right after this hook with its SIGTERMException, a SystemExit that exits 0.
+            requested = self._stop_requested(trainer)
         if requested:
             # Lightning saw SIGTERM too and would stop after this micro-batch and exit 0 (Lightning #19916),
             # possibly mid gradient-accumulation. Preemption is ours: hold its flag down until a step boundary.
@@ -185,9 +187,14 @@ class StoreCheckpoints(pl.Callback):
                 if step != self.last_saved:
                     self.save(trainer, step)
                 raise Preempted(f"{signals.name()} received; checkpoint at step {step} stored")
-            return
-        if at_boundary and step % self.every == 0 and step != self.last_saved and step < self.max_steps:
-            self.save(trainer, step)
+
+    @staticmethod
+    def _stop_requested(trainer: pl.Trainer) -> bool:
+        requested = signals.requested()
+        if trainer.world_size > 1:
+            # DDP: saving is collective, so every rank must take the same branch at the same step.
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        return requested
 
     def save(self, trainer: pl.Trainer, step: int) -> None:
         from dbbatch.store.locations import join

@@ -62,6 +62,7 @@ def fit(module: DreamBoothModule, loader: Any, train: Any, checkpointer: Any, lo
     import warnings
 
     from pytorch_lightning.loggers import TensorBoardLogger
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from dbbatch.core import signals
 
@@ -106,6 +107,13 @@ def fit(module: DreamBoothModule, loader: Any, train: Any, checkpointer: Any, lo
         _quiet_lightning()
         try:
             trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_path, weights_only=True)
+        except SIGTERMException:
+            # Lightning's own stop on SIGTERM, a SystemExit that would end the process with exit 0 and no run
+            # report. StoreCheckpoints raises Preempted first at every step boundary; this is the rest.
+            from dbbatch.core.errors import Preempted
+
+            raise Preempted(f"{signals.name()} received; stopped during training (its last stored checkpoint "
+                            "resumes it)") from None
         except Exception as e:
             if launcher is None:
                 raise
