@@ -23,8 +23,9 @@ import typer
 
 from dbbatch.console import print_results, quiet_libraries, setup_logging
 from dbbatch.core.errors import DbbatchError, InputError, ManifestError, Preempted, StorageError
-
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STORAGE, EXIT_INTERRUPTED, EXIT_PREEMPTED = 0, 1, 2, 3, 130, 143
+from dbbatch.core.exit_codes import FAILED as EXIT_FAILED
+from dbbatch.core.exit_codes import INVALID as EXIT_INVALID
+from dbbatch.core.exit_codes import STORAGE as EXIT_STORAGE
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DreamBooth fine-tuning of Stable Diffusion for many subjects, as a batch job.")

@@ -51,10 +51,11 @@ def test_job_is_indexed_with_retry_policy_for_the_exit_codes():
     assert spec["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy requires it
     rules = spec["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
-    by_code = {r["onExitCodes"]["values"][0]: r["action"] for r in rules[1:]}
-    from dbbatch.cli import EXIT_INVALID, EXIT_PREEMPTED
+    by_code = {code: r["action"] for r in rules[1:] for code in r["onExitCodes"]["values"]}
+    from dbbatch.core.exit_codes import INTERRUPTED, INVALID, PREEMPTED
 
-    assert by_code == {EXIT_PREEMPTED: "Ignore", EXIT_INVALID: "FailIndex"}
+    # SIGINT stores its checkpoint and report as SIGTERM does: both are retried without counting
+    assert by_code == {PREEMPTED: "Ignore", INTERRUPTED: "Ignore", INVALID: "FailIndex"}
     assert all(r["onExitCodes"]["containerName"] == container(job)["name"] for r in rules[1:])
     # long enough to finish a step and upload a checkpoint after SIGTERM (the number is argued in k8s.py)
     assert spec["template"]["spec"]["terminationGracePeriodSeconds"] >= 120
@@ -265,3 +266,17 @@ def test_pod_warnings_flag_tracking_that_a_pod_would_lose_and_name_a_sweep_once(
     swept = parse_manifest("output: s3://b/out\nsubjects: [{id: rex, token: sks, class_noun: dog, images: photos/, "
                            "sweep: {train.seed: [1, 2, 3]}}]\n")
     assert [w.split(":")[0] for w in k8s.pod_warnings(swept, None)] == ["subjects[0].images"]
+
+
+def test_the_readme_exit_code_table_is_every_code_with_its_job_policy():
+    """Every exit code of `dbbatch run`, its meaning and the Job's action, as core/exit_codes.py says (which
+    also renders the podFailurePolicy above): the table cannot drift from what the Job does."""
+    import re
+
+    from dbbatch.core.exit_codes import CODES
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("### Exit codes", 1)[1].split("\n## ", 1)[0]
+    rows = {int(m.group(1)): (m.group(2).strip(), m.group(3).strip())
+            for m in re.finditer(r"^\| (\d+) \| (.+?) \| (.+?) \|$", table, re.M)}
+    assert rows == {c.code: (c.meaning, c.job) for c in CODES}

@@ -1,4 +1,4 @@
-"""The one small exception hierarchy. Only `dbbatch/cli.py` turns these into exit codes (see EXIT_CODES there)."""
+"""The one small exception hierarchy. Only `dbbatch/cli.py` turns these into exit codes (core/exit_codes.py)."""
 
 from __future__ import annotations
 

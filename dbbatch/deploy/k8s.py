@@ -4,9 +4,10 @@ The objects are built in code rather than from a YAML template: every optional p
 a Secret) changes the structure, not just a value, and code is what the tests assert on field by field.
 `k8s/examples/` holds rendered output; `tests/test_k8s.py` re-renders it and checks it has not drifted.
 
-How the Job maps dbbatch's exit codes (see dbbatch/cli.py) to Kubernetes' retry machinery:
+How the Job maps dbbatch's exit codes (core/exit_codes.py, which says what each means) to Kubernetes' retry
+machinery:
   pod disrupted (preemption, eviction, node drain: condition DisruptionTarget)  Ignore: retried, not counted
-  exit 143 (dbbatch stored a checkpoint after SIGTERM)                         Ignore: retried, not counted
+  exit 143 / 130 (a checkpoint stored after SIGTERM / SIGINT)                   Ignore: retried, not counted
   exit 2   (invalid manifest or input: retrying cannot help)                    FailIndex: no more retries
   exit 1 / 3 / anything else                                                    counted against backoffLimitPerIndex
 Each index is one shard (`dbbatch run` reads JOB_COMPLETION_INDEX and DBBATCH_SHARD_COUNT); a retried index
@@ -24,8 +25,7 @@ import yaml
 from dbbatch.config.manifest import Manifest, source_of
 from dbbatch.config.parse import parse_manifest
 from dbbatch.core.errors import InputError
-
-EXIT_INVALID, EXIT_PREEMPTED = 2, 143  # the contract in dbbatch/cli.py; the podFailurePolicy depends on it
+from dbbatch.core.exit_codes import JOB_ACTIONS
 
 USER_ID = 10001  # the image's numeric non-root user (Dockerfile); numeric so runAsNonRoot can verify it
 MANIFEST_DIR = "/etc/dbbatch"
@@ -265,8 +265,8 @@ def _job(o: JobOptions, labels: dict[str, str], configmap: str) -> dict[str, Any
         "maxFailedIndexes": o.shards if o.max_failed_indexes is None else o.max_failed_indexes,
         "podFailurePolicy": {"rules": [
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            {"action": "Ignore", "onExitCodes": {"containerName": "dbbatch", "operator": "In", "values": [EXIT_PREEMPTED]}},
-            {"action": "FailIndex", "onExitCodes": {"containerName": "dbbatch", "operator": "In", "values": [EXIT_INVALID]}},
+            *({"action": action, "onExitCodes": {"containerName": "dbbatch", "operator": "In", "values": list(codes)}}
+              for action, codes in JOB_ACTIONS.items()),
         ]},
         "ttlSecondsAfterFinished": o.ttl_seconds_after_finished,
         "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
