@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -261,7 +262,7 @@ def run(
             log.error("could not write --report: %s", e)
     print_results(results)
     if not preempted:  # a preempted pod's grace period is for its checkpoint and exit code, not the report
-        page = _refresh_report(storage, out, [s.id for s in resolve_subjects(m, base_dir)])
+        page = _refresh_report(storage, out, [s.id for s in resolve_subjects(m, base_dir)], batch.leases)
         if page:
             typer.echo(f"report: {page}")
     if preempted:
@@ -339,15 +340,16 @@ def _pairs(flag: str, items: Optional[list[str]]) -> dict[str, str]:
     return out
 
 
-def _refresh_report(storage: Any, output: str, subject_ids: Optional[list[str]]) -> Optional[str]:
-    """Rebuild <output>/_report/ (every shard's subjects, as stored); its page's location, or None when it could
-    not be written (logged: the subjects' own outputs are what matters)."""
+def _refresh_report(storage: Any, output: str, subject_ids: Optional[list[str]], leases: Any) -> Optional[str]:
+    """Rebuild <output>/_report/ (every shard's subjects, as stored) under the report's lease (None: --no-leases);
+    its page's location, or None when it could not be written (logged: the subjects' own outputs are what
+    matters)."""
     from dbbatch.core import signals
-    from dbbatch.quality.report import REPORT, build
+    from dbbatch.quality.report import REPORT, build_serialized
     from dbbatch.store.locations import join, redact
 
     try:
-        if build(storage, output, subject_ids, stop=signals.requested) is None:
+        if build_serialized(storage, output, subject_ids, leases, stop=signals.requested) is None:
             return None
     except Exception as e:  # noqa: BLE001 - the report is derived from stored results; it never fails the run
         log.error("could not write the batch report (`dbbatch report %s` rebuilds it): %s: %s", redact(output), type(e).__name__, e)
@@ -367,7 +369,8 @@ def report(
     _setup_logging(debug)
     quiet_libraries()
     from dbbatch.config.resolve import resolve_location, resolve_subjects
-    from dbbatch.quality.report import REPORT, build
+    from dbbatch.quality.report import REPORT, build_serialized
+    from dbbatch.store.leases import Leases
     from dbbatch.store.locations import join
     from dbbatch.store.storage import Storage
 
@@ -381,7 +384,9 @@ def report(
         storage = Storage(options)
         if not storage.exists(out):
             raise InputError(f"OUTPUT {output}: nothing is stored there; give the output location of a batch")
-        summary = build(storage, out, ids)
+        # under the report's lease where the output can hold one, so it never interleaves with a shard's build
+        leases = Leases(storage, out, f"report-{os.getpid()}") if storage.lease_support(out) is None else None
+        summary = build_serialized(storage, out, ids, leases)
     except DbbatchError as e:
         raise _fail(e) from None
     t = summary["totals"]

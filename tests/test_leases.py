@@ -399,3 +399,61 @@ def test_outputs_without_leases_are_refused_unless_the_risk_is_accepted(tmp_path
             "pass --no-leases to accept that risk") in proc.stderr
     both = run_cli("run", str(m), "--queue", "--no-leases", env=cli_env(DBBATCH_WORK_DIR=str(tmp_path / "w")), cwd=tmp_path)
     assert both.returncode == 2 and "--queue needs leases" in both.stderr
+
+
+# -- the report: shards finishing together ---------------------------------------------------------------------
+
+def _report_race(tmp_path: Path, serialized: bool):
+    """Build A pauses between its summary.json and its index.html; build B (one more subject, a later second)
+    starts meanwhile. Returns (B waited for A, the final summary.json, the final index.html)."""
+    import threading
+
+    from dbbatch.quality.report import build_serialized
+    from dbbatch.store.leases import Leases
+    from dbbatch.store.storage import Storage
+
+    class PausingStorage(Storage):  # the real local store; thread A's index.html write waits for `go`
+        paused, go = threading.Event(), threading.Event()
+
+        def write_text(self, url: str, text: str) -> None:
+            if url.endswith("/index.html") and threading.current_thread().name == "A":
+                self.paused.set()
+                self.go.wait(60)
+            super().write_text(url, text)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    storage = PausingStorage({})
+
+    def builder(name: str, ids: list[str]) -> threading.Thread:
+        leases = Leases(storage, str(out), f"run-{name}") if serialized else None
+        return threading.Thread(target=build_serialized, args=(storage, str(out), ids, leases), kwargs={"poll_seconds": 0.1},
+                                name=name, daemon=True)
+
+    a = builder("A", ["rex"])
+    a.start()
+    assert storage.paused.wait(60), "build A never reached its index.html"
+    time.sleep(1.1)  # B's generated_at is a later second than A's
+    b = builder("B", ["rex", "tom"])
+    b.start()
+    b.join(2.0)
+    b_waited = b.is_alive()
+    storage.go.set()
+    a.join(60)
+    b.join(60)
+    report = out / "_report"
+    return b_waited, json.loads((report / "summary.json").read_text()), (report / "index.html").read_text()
+
+
+def test_report_builds_of_shards_finishing_together_never_interleave(tmp_path: Path):
+    b_waited, summary, page = _report_race(tmp_path, serialized=True)
+    assert b_waited, "build B wrote while build A held the report's lease"
+    assert [s["id"] for s in summary["subjects"]] == ["rex", "tom"]  # the later build's view, written last
+    assert f"generated {summary['generated_at']}" in page and 'id="card-tom"' in page  # page and summary: one build
+
+
+def test_negative_control_without_the_report_lease_the_page_and_summary_disagree(tmp_path: Path):
+    b_waited, summary, page = _report_race(tmp_path, serialized=False)
+    assert not b_waited
+    assert [s["id"] for s in summary["subjects"]] == ["rex", "tom"]  # B's summary.json ...
+    assert f"generated {summary['generated_at']}" not in page and 'id="card-tom"' not in page  # ... under A's older page

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
@@ -26,12 +27,14 @@ from typing import Any, Callable, Optional
 from dbbatch.quality.report_collect import Entry, collect, read_json, sweep_groups, totals
 from dbbatch.quality.report_page import page
 from dbbatch.quality.report_plots import curves_png, sweep_png
+from dbbatch.store.leases import describe
 from dbbatch.store.locations import join, redact
 
 log = logging.getLogger(__name__)
 REPORT = "_report"
 GRID, PHOTOS, CURVES = "grid.png", "photos.png", "curves.png"
 SWEEPS = "_sweeps"  # <report>/_sweeps/<base id>.png: a subject id cannot start with '_', so no card's folder
+REPORT_LEASE = "_report"  # the lease report builds take (`_leases/_report/`): no subject id starts with '_'
 
 
 def previous_rows(storage: Any, folder: str) -> dict[str, dict[str, Any]]:
@@ -54,10 +57,11 @@ def reusable(storage: Any, folder: str, entry: Entry, row: Optional[dict[str, An
 
 
 def build(storage: Any, output: str, subject_ids: Optional[list[str]] = None,
-          stop: Optional[Callable[[], bool]] = None) -> Optional[dict[str, Any]]:
+          stop: Optional[Callable[[], bool]] = None, guard: Optional[Callable[[str], None]] = None) -> Optional[dict[str, Any]]:
     """Write `<output>/_report/` (index.html, summary.json, each subject's images) from what is stored.
     Returns summary.json's content, or None when `stop()` turned true on the way (SIGTERM: the pod's grace
-    period is not the report's; the page and summary.json written before stay as they were)."""
+    period is not the report's; the page and summary.json written before stay as they were). `guard(what)`
+    runs before summary.json and index.html are written (the report lease's verify: build_serialized)."""
     entries = collect(storage, output, subject_ids)
     folder = join(output, REPORT)
     shown = redact(output)  # the location as the page and summary.json show it
@@ -95,6 +99,31 @@ def build(storage: Any, output: str, subject_ids: Optional[list[str]] = None,
     summary = {"output": shown, "generated_at": generated_at, "totals": totals(entries), "sweeps": sweeps,
                "subjects": [{k: v for k, v in asdict(e).items() if k not in ("loss_curve",)} for e in
                             sorted(entries, key=lambda e: (e.attention, e.id))]}
-    storage.write_text(join(folder, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    storage.write_text(join(folder, "index.html"), page(entries, shown, generated_at, sweeps))
+    for name, text in (("summary.json", json.dumps(summary, indent=2) + "\n"), ("index.html", page(entries, shown, generated_at, sweeps))):
+        if guard is not None:
+            guard(f"writing the report's {name}")
+        storage.write_text(join(folder, name), text)
     return summary
+
+
+def build_serialized(storage: Any, output: str, subject_ids: Optional[list[str]], leases: Any,
+                     stop: Optional[Callable[[], bool]] = None, poll_seconds: float = 1.0) -> Optional[dict[str, Any]]:
+    """`build` while holding the report's lease (`leases`: a store.leases.Leases; None: build at once). Shards
+    that finish together then build one at a time, each a whole report from what was stored when it began, and
+    the last to write began last: index.html and summary.json always come from one build, whoever wrote last.
+    Waits for a build in progress (a dead or stuck builder's lease expires); None if `stop()` turned true."""
+    if leases is None:
+        return build(storage, output, subject_ids, stop)
+    waited = False
+    while (claim := leases.claim(REPORT_LEASE)).lease is None:
+        if stop is not None and stop():
+            return None
+        if not waited:
+            log.info("report: %s is writing it; waiting to write it again after", describe(claim.current or {}))
+            waited = True
+        time.sleep(poll_seconds)
+    lease = claim.lease
+    try:
+        return build(storage, output, subject_ids, stop, guard=lease.verify)
+    finally:
+        lease.release("done")
