@@ -80,3 +80,36 @@ def test_sigterm_during_ddp_training_stores_checkpoint_and_exits_143(tmp_path: P
     # the paused step (3) finishes on both ranks, then they agree to stop and rank 0 stores it (step 2 pruned)
     assert ckpts == ["step-0000003.ckpt"], (ckpts, err)
     assert "checkpoint at step 3 stored" in err
+
+
+def test_ddp_ranks_stop_when_the_subject_lease_is_lost(tmp_path: Path):
+    """The ranks cannot hold the lease (the main process renews it): when it is taken over while they train,
+    the main process sees it and every rank stops at the next step boundary, writing nothing more: no checkpoint
+    after the loss (before the fence, rank 0 went on storing them, and the ranks trained to the end)."""
+    draw_subject(tmp_path / "imgs" / "rex", n=2)
+    marker = tmp_path / "paused"
+    env = cli_env(DBBATCH_WORK_DIR=str(tmp_path / "work"), DBBATCH_FAULTS="pause_at_step=3",
+                  DBBATCH_FAULT_MARKER=str(marker), DBBATCH_LEASE_SECONDS="6")
+    m = tiny_manifest(tmp_path / "fenced.yaml", "out-fenced", [
+        {"id": "rex", "token": "sks", "class_noun": "dog", "images": "imgs/rex/",
+         "train": {"devices": 2, "batch_size": 1, "max_steps": 12, "checkpoint_every": 2}}])
+    proc = spawn_cli("run", str(m), env=env, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), proc.communicate()[1]
+    leases = tmp_path / "out-fenced" / "_leases" / "rex"
+    (held,) = sorted(leases.glob("*.json"))
+    doc = json.loads(held.read_text())
+    taker = {**doc, "generation": doc["generation"] + 1, "token": "another-worker", "holder": {**doc["holder"], "pid": 1}}
+    (leases / f"{doc['generation'] + 1:08d}.json").write_text(json.dumps(taker))  # another worker took it over
+    time.sleep(4)  # the holder's renewal (every ttl/3 = 2 s) finds the newer generation; its fence watcher follows
+    Path(f"{marker}.continue").write_text("")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-3000:]
+    assert "lease lost" in err and "stopping the training processes" in err, err[-3000:]
+    ckpts = sorted(p.name for p in (tmp_path / "out-fenced" / "rex" / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["step-0000002.ckpt"], (ckpts, err[-3000:])  # step 4's would have come after the loss
+    assert not (tmp_path / "out-fenced" / "rex" / "_SUCCESS").exists()
+    report = json.loads(next((tmp_path / "out-fenced" / "_runs").glob("*.json")).read_text())
+    assert (report["subjects"][0]["status"], report["subjects"][0]["error_class"]) == ("failed", "LeaseLost")

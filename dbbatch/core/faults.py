@@ -1,8 +1,9 @@
 """Fault injection for tests, off unless DBBATCH_FAULTS is set. Never used in production paths otherwise.
 
 DBBATCH_FAULTS is a ';'-separated list:
-  pause_at_step=N      before optimizer step N+1 starts, touch $DBBATCH_FAULT_MARKER and wait until SIGTERM
-                       (tests then send SIGKILL or SIGTERM at a known step)
+  pause_at_step=N      before optimizer step N+1 starts, touch $DBBATCH_FAULT_MARKER and wait until SIGTERM or
+                       until `$DBBATCH_FAULT_MARKER.continue` exists (tests then send SIGKILL or SIGTERM at a known
+                       step, or take the subject's lease away meanwhile)
   fail_train=ID        raise a simulated CUDA out-of-memory error (torch.OutOfMemoryError, what CUDA raises) in
                        subject ID's first training step
   disk_full_checkpoint[=STEP]
@@ -68,7 +69,8 @@ def on_train_step(step: int) -> None:
 
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (simulated by DBBATCH_FAULTS)")
     if "pause_at_step" in f and int(f["pause_at_step"]) == step:
-        _pause(str(step))
+        marker = os.environ.get("DBBATCH_FAULT_MARKER")
+        _pause(str(step), go_on=Path(marker + ".continue") if marker else None)
 
 
 def packing_variant() -> str:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import pytorch_lightning as pl
 
 from dbbatch.core import faults, signals
-from dbbatch.core.errors import CheckpointError, Preempted, StorageError
+from dbbatch.core.errors import CheckpointError, LeaseLost, Preempted, StorageError
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"step-(\d+)\.ckpt$")
@@ -157,6 +157,9 @@ class StoreCheckpoints(pl.Callback):
         self.every, self.keep, self.max_steps = every, keep, max_steps
         # The subject's lease check (raises LeaseLost): every step, and before a checkpoint reaches the store.
         self.guard = guard
+        # In DDP ranks, which cannot hold the lease: an Event the main process sets when it loses the lease
+        # (ddp.SpawnLauncher); the ranks agree on it at a step boundary and stop, writing nothing more.
+        self.fence: Any = None
         self.last_saved: Optional[int] = None
         self.save_seconds: list[float] = []
         self.sizes: list[int] = []
@@ -168,9 +171,16 @@ class StoreCheckpoints(pl.Callback):
     def _guard(self, what: str) -> None:
         if self.guard is not None:
             self.guard(what)
+        if self.fence is not None and self.fence.is_set():
+            raise LeaseLost(f"lease lost (the worker's main process saw it); this training process stopped before {what}, "
+                            "nothing written; the worker holding it now finishes the subject")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._guard("the next training step")
+        if self.fence is not None and trainer.world_size > 1:
+            # DDP: every rank stops at the same step (a rank stopping alone would leave the others in a collective)
+            if trainer.strategy.reduce_boolean_decision(self.fence.is_set(), all=False):
+                self.fence.set()
+        self._guard(f"step {trainer.global_step + 1}")
         at_boundary = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         step = trainer.global_step
         requested = self._stop_requested(trainer)

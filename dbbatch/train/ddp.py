@@ -37,6 +37,7 @@ class SpawnLauncher(_MultiProcessingLauncher):
         ctx = mp.get_context("spawn")
         self.subject_id, self.log_level, self.quiet = subject_id, log_level, quiet
         self.stop = ctx.Event()  # the main process's SIGTERM, seen by every rank
+        self.fence = ctx.Event()  # the main process lost the subject's lease: every rank stops (StoreCheckpoints)
         self.progress = ctx.SimpleQueue()  # (step, loss) from rank 0
         self.errors = Path(tempfile.mkdtemp(prefix="dbbatch-ddp-"))  # each failing rank pickles its exception here
         self.results: dict[str, Any] = {}
@@ -53,11 +54,39 @@ class SpawnLauncher(_MultiProcessingLauncher):
 
         for signum in stop_signals:
             signal.signal(signum, on_stop)
+        guards = [cb for cb in (trainer.callbacks if trainer is not None else ()) if hasattr(cb, "fence")]
+        for cb in guards:
+            cb.fence = self.fence  # pickled into the ranks with the trainer; the guard (the lease) is not
+        done = threading.Event()  # local: the launcher itself is pickled into the ranks
+        watcher = self._watch_lease([cb.guard for cb in guards if cb.guard is not None], done)
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
         finally:
+            if watcher is not None:
+                done.set()
+                watcher.join(5)
             for signum in stop_signals:
                 signal.signal(signum, previous[signum])
+
+    def _watch_lease(self, guards: list[Callable[[str], None]], done: threading.Event) -> Optional[threading.Thread]:
+        """A thread that checks the subject's lease (no I/O: its renewal thread keeps the state) every second
+        until `done`, while the ranks train, and sets the fence when it is lost."""
+        if not guards:
+            return None
+
+        def run() -> None:
+            while not done.wait(1.0):
+                try:
+                    for guard in guards:
+                        guard("training in DDP ranks")
+                except Exception as e:  # noqa: BLE001 - LeaseLost: the message is the rank's to raise
+                    log.error("%s; stopping the training processes", e)
+                    self.fence.set()
+                    return
+
+        thread = threading.Thread(target=run, name="ddp-lease-fence", daemon=True)
+        thread.start()
+        return thread
 
     def relay_progress(self, task: Any) -> threading.Thread:
         """A thread feeding the reporter from rank 0's queue until `stop_relay`."""
