@@ -265,6 +265,7 @@ def run(
         page = _refresh_report(storage, out, [s.id for s in resolve_subjects(m, base_dir)], batch.leases)
         if page:
             typer.echo(f"report: {page}")
+    preempted = preempted or signals.requested()  # one that came while the report was built exits 143 too
     if preempted:
         log.warning("preempted: %s to exit took %.2fs; rerun to resume", signals.name(), signals.seconds_since_request())
         raise typer.Exit(signals.exit_code())  # EXIT_PREEMPTED, or EXIT_INTERRUPTED after SIGINT

@@ -152,11 +152,13 @@ def test_sigterm_while_a_checkpoint_is_written_or_uploaded_exits_143_and_resumes
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigterm_after_the_last_subject_is_published_still_exits_143(tmp_path: Path):
-    """Exit 0 would tell Kubernetes the index succeeded: whenever a stop signal came, the exit says so. The
-    published subject stays published; the rerun Kubernetes makes skips it."""
+@pytest.mark.parametrize("fault", ["pause_at_publish=success", "pause_at_upload=index.html"])  # _SUCCESS; the report
+def test_sigterm_after_the_last_subject_is_published_still_exits_143(tmp_path: Path, fault: str):
+    """Exit 0 would tell Kubernetes the index succeeded: whenever a stop signal came, the exit says so, even
+    once the subject is published or while the batch report is written. The published subject stays
+    published; the rerun Kubernetes makes skips it."""
     m = _manifest(tmp_path, "late", max_steps=4)
-    proc, _ = start_at_fault(m, tmp_path / "pod1", "pause_at_publish=success")  # _SUCCESS is written
+    proc, _ = start_at_fault(m, tmp_path / "pod1", fault)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-3000:]
