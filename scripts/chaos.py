@@ -1,6 +1,6 @@
 """Chaos: kill `dbbatch run` at random moments of every stage, rerun it, and check what must hold afterwards.
 
-    python scripts/chaos.py --rounds 40 --seed 7            # make chaos: solo, packed, sweep, evaluation, queue
+    python scripts/chaos.py --rounds 40 --seed 7            # make chaos: solo, packed, sweep, evaluation, queue, s3
     python scripts/chaos.py --rounds 3 --scenarios solo     # a short round (tests/test_chaos.py runs one)
 
 Each round picks a scenario (a small batch on the built-in tiny model), a moment and a signal. The moment is a
@@ -8,10 +8,14 @@ fault point of dbbatch/core/faults.py (a training step, a file being uploaded, a
 random delay after the start; the signal is SIGKILL or SIGTERM. The run is stopped there, then run again (a new
 pod: a fresh work dir, everything else from the output store) until it exits 0. Then, for the round:
 - the stopped run exited as documented (SIGTERM: 143, whenever it came; SIGKILL: killed);
-- every subject is published (`_SUCCESS`), and once: no run but the one `_SUCCESS` names reports it succeeded;
+- every subject is published (`_SUCCESS`), and once: no run but the one `_SUCCESS` names reports it succeeded,
+  and that one (if it wrote a report) does; its checkpoints are gone;
 - its weights are bitwise those of the uninterrupted reference run, and so is its loss curve;
 - no partial file (`.<name>.<hex>.part`, `*.part`) is left in a published subject's folder.
-A queue round starts two `--queue` workers on one output and stops one of them.
+A queue round starts two `--queue` workers on one output and stops one of them. An s3 round writes to a moto
+S3 server behind a TCP proxy and cuts the endpoint when the moment comes (an outage of 1-4 s, the lease's
+renewals included), then sends the signal or none (the run rides the outage out on its retries, or fails its
+subject or the batch's storage cleanly: exit 0, 1 or 3); its output is read back from the store for the checks.
 
 It prints one line per round and a summary (kills tried, reached, survived); it exits 1 if any invariant
 failed. CPU only, tens of seconds per round.
@@ -38,7 +42,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 PART = re.compile(r"(^\..+\.[0-9a-f]{8}\.part$)|(\.part$)")
 STEPS, EVERY = 8, 3
-SCENARIOS = ("solo", "packed", "sweep", "evaluation", "queue")
+SCENARIOS = ("solo", "packed", "sweep", "evaluation", "queue", "s3")
 
 
 def default_start(args: list[str], env: dict[str, str], cwd: Path) -> Any:
@@ -52,6 +56,61 @@ def base_env(**extra: str) -> dict[str, str]:
     env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1",
                OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), DBBATCH_LEASE_SECONDS="6", **extra)
     return env
+
+
+class S3World:
+    """A moto S3 server (started here unless `endpoint` names one) behind a cuttable proxy, and one bucket."""
+
+    def __init__(self, root: Path, endpoint: Optional[str] = None, bucket: str = "chaos"):
+        from tcpproxy import CuttableProxy, free_port
+
+        self.server = None
+        if endpoint is None:
+            port = free_port()
+            self.server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                           stdout=open(root / "moto.log", "wb"), stderr=subprocess.STDOUT,
+                                           env={k: v for k, v in os.environ.items() if not k.startswith("AWS_")})
+            endpoint = f"http://127.0.0.1:{port}"
+        self.endpoint, self.bucket = endpoint, bucket
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                fs = self.fs()
+                if not fs.exists(bucket):
+                    fs.mkdir(bucket)
+                break
+            except Exception:  # noqa: BLE001 - moto still starting
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.proxy = CuttableProxy(int(endpoint.rsplit(":", 1)[1]))
+
+    def fs(self) -> Any:
+        import s3fs
+
+        return s3fs.S3FileSystem(endpoint_url=self.endpoint, key="testing", secret="testing", skip_instance_cache=True)
+
+    def env(self) -> dict[str, str]:
+        """What a pod's environment says to reach the store (through the proxy), with short retries."""
+        return {"AWS_ENDPOINT_URL": self.proxy.url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true", "AWS_MAX_ATTEMPTS": "1",
+                "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                "DBBATCH_RETRY_ATTEMPTS": "4", "DBBATCH_RETRY_BACKOFF_SECONDS": "0.5"}
+
+    def download(self, url: str, local: Path) -> Path:
+        fs = self.fs()
+        local.mkdir(parents=True, exist_ok=True)
+        for key in fs.find(url):
+            dest = local / key[len(url.removeprefix("s3://")) + 1:]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(fs.cat_file(key))
+        return local
+
+    def close(self) -> None:
+        self.proxy.cut()
+        if self.server is not None:
+            self.server.terminate()
+            self.server.wait(10)
 
 
 # -- scenarios -------------------------------------------------------------------------------------------------
@@ -94,6 +153,8 @@ def manifest(root: Path, scenario: str, output: str) -> Path:
 def moments(scenario: str) -> list[str]:
     """The fault points a stop can land at (dbbatch/core/faults.py), and `after=<seconds>`."""
     out = [f"pause_at_step={s}" for s in range(1, STEPS)]
+    if scenario == "s3":  # points that can also go on without a signal (an upload's pause waits for one)
+        return out + ["pause_at_publish=config", "pause_at_publish=success"] + [f"after={t}" for t in (1.5, 3.0, 5.0)]
     out += [f"pause_at_upload={n}" for n in (f"step-{EVERY:07d}.ckpt", "diffusion_pytorch_model.safetensors",
                                              "pytorch_lora_weights.safetensors", "grid.png", "metrics.json", "photos.png")]
     out += ["pause_at_publish=config", "pause_at_publish=success", "sigterm_at_checkpoint=3"]
@@ -107,6 +168,7 @@ class Round:
     scenario: str
     moment: str
     sig: str
+    outage: float = 0.0  # s3: seconds the endpoint is cut when the moment comes
     reached: bool = False
     exit_code: Optional[int] = None
     problems: list[str] = field(default_factory=list)
@@ -143,6 +205,11 @@ def check(out: Path, reference: Path, subject_ids: list[str]) -> list[str]:
         succeeded = [r["run_id"] for r in reports for s in r["subjects"] if s["id"] == sid and s["status"] == "succeeded"]
         if len(succeeded) > 1 or (succeeded and succeeded != [published_by]):
             problems.append(f"{sid}: published by {published_by}, reported succeeded by {succeeded}")
+        told = [s["status"] for r in reports if r["run_id"] == published_by for s in r["subjects"] if s["id"] == sid]
+        if told and told != ["succeeded"]:  # the run that wrote _SUCCESS, if it wrote a report, says succeeded
+            problems.append(f"{sid}: published by {published_by}, which reported it {told[0]}")
+        if (folder / "checkpoints").exists() and any((folder / "checkpoints").iterdir()):
+            problems.append(f"{sid}: published, and its checkpoints are still stored")
         parts = [str(p.relative_to(out)) for p in folder.rglob("*") if PART.search(p.name)]
         if parts:
             problems.append(f"{sid}: partial files left: {parts[:3]}")
@@ -152,12 +219,18 @@ def check(out: Path, reference: Path, subject_ids: list[str]) -> list[str]:
 
 
 def play(rnd: Round, root: Path, reference: Path, start: Callable[..., Any] = default_start,
-         env: Callable[..., dict[str, str]] = base_env, timeout: float = 300) -> Round:
+         env: Callable[..., dict[str, str]] = base_env, timeout: float = 300, s3: Optional[S3World] = None) -> Round:
     """Stop a run of the round's scenario at its moment with its signal, rerun until it exits 0, check."""
     out = root / "out"
-    m = manifest(root, rnd.scenario, str(out))
+    output = f"s3://{s3.bucket}/{root.name}" if rnd.scenario == "s3" and s3 is not None else str(out)
+    m = manifest(root, "solo" if rnd.scenario == "s3" else rnd.scenario, output)
     marker = root / "marker"
     faults = {} if rnd.moment.startswith("after=") else {"DBBATCH_FAULTS": rnd.moment, "DBBATCH_FAULT_MARKER": str(marker)}
+    if rnd.scenario == "s3":
+        assert s3 is not None, "an s3 round needs the S3World"
+        faults.update(s3.env())
+        plain_env = env
+        env = lambda **kw: plain_env(**{**s3.env(), **kw})  # noqa: E731 - every run of the round reaches the store
     workers = 2 if rnd.scenario == "queue" else 1
     extra = ["--queue"] if rnd.scenario == "queue" else []
     procs = [start(["run", str(m), *extra], env(DBBATCH_WORK_DIR=str(root / f"pod{i}"), **(faults if i == 0 else {})), root)
@@ -171,17 +244,24 @@ def play(rnd: Round, root: Path, reference: Path, start: Callable[..., Any] = de
         while not marker.exists() and victim.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         rnd.reached = marker.exists() or rnd.moment.startswith("sigterm_at")
+    if rnd.outage and victim.poll() is None:  # the endpoint dies while the run is at its moment
+        s3.proxy.cut()
+        if rnd.sig == "none" and not rnd.moment.startswith("after="):
+            Path(f"{marker}.continue").write_text("")  # it goes on into the outage
+        time.sleep(rnd.outage)
+        s3.proxy.restore()
     if rnd.moment.startswith("sigterm_at"):
         rnd.sig = "SIGTERM"  # the process signals itself, mid-write
-    elif victim.poll() is None:
+    elif rnd.sig != "none" and victim.poll() is None:
         victim.send_signal(getattr(signal, rnd.sig))
     for p in procs:
         p.communicate(timeout=timeout)
     rnd.exit_code = victim.returncode
     if rnd.reached:
-        expected = 143 if rnd.sig == "SIGTERM" else -signal.SIGKILL
-        if rnd.exit_code != expected:
-            rnd.problems.append(f"the stopped run exited {rnd.exit_code}, expected {expected}")
+        # no signal: the run rode the outage out (0), failed its subject (1) or the batch's storage (3)
+        expected = {"SIGTERM": (143,), "SIGKILL": (-signal.SIGKILL,), "none": (0, 1, 3)}[rnd.sig]
+        if rnd.exit_code not in expected:
+            rnd.problems.append(f"the stopped run exited {rnd.exit_code}, expected {' or '.join(map(str, expected))}")
     for attempt in range(3):  # a new pod each time; a SIGKILLed holder's lease expires or is taken over
         rerun = start(["run", str(m)], env(DBBATCH_WORK_DIR=str(root / f"rerun{attempt}")), root)
         _, err = rerun.communicate(timeout=timeout)
@@ -190,6 +270,8 @@ def play(rnd: Round, root: Path, reference: Path, start: Callable[..., Any] = de
     else:
         rnd.problems.append(f"the rerun exited {rerun.returncode}: {err.strip().splitlines()[-1:]}")
     ids = [p.parent.name for p in reference.glob("*/_SUCCESS")]
+    if output != str(out):
+        s3.download(output, out)  # read back from the store, past the proxy
     rnd.problems += check(out, reference, sorted(ids))
     return rnd
 
@@ -207,7 +289,11 @@ def reference_run(root: Path, scenario: str, start: Callable[..., Any] = default
 
 def rounds(n: int, seed: int, scenarios: tuple[str, ...]) -> list[Round]:
     rng = random.Random(seed)
-    return [Round(s, rng.choice(moments(s)), rng.choice(["SIGKILL", "SIGTERM"])) for s in (rng.choice(scenarios) for _ in range(n))]
+    out = []
+    for s in (rng.choice(scenarios) for _ in range(n)):
+        out.append(Round(s, rng.choice(moments(s)), rng.choice(["SIGKILL", "SIGTERM", *(["none"] if s == "s3" else [])]),
+                         outage=round(rng.uniform(1.0, 4.0), 1) if s == "s3" else 0.0))
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -222,21 +308,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     if unknown:
         ap.error(f"unknown scenario {unknown[0]}; choose from {', '.join(SCENARIOS)}")
     base = a.keep or Path(tempfile.mkdtemp(prefix="dbbatch-chaos-"))
+    base.mkdir(parents=True, exist_ok=True)
     refs: dict[str, Path] = {}
     played: list[Round] = []
     started = time.monotonic()
-    for i, rnd in enumerate(rounds(a.rounds, a.seed, scenarios)):
-        ref_scenario = "solo" if rnd.scenario == "queue" else rnd.scenario  # a queue batch is the solo batch
+    planned = rounds(a.rounds, a.seed, scenarios)
+    s3 = S3World(base) if any(r.scenario == "s3" for r in planned) else None
+    for i, rnd in enumerate(planned):
+        # a queue batch and an s3 one are the solo batch (where it is stored does not change a bit of it)
+        ref_scenario = "solo" if rnd.scenario in ("queue", "s3") else rnd.scenario
         if ref_scenario not in refs:
             (base / f"ref-{ref_scenario}").mkdir(parents=True, exist_ok=True)
             refs[ref_scenario] = reference_run(base / f"ref-{ref_scenario}", ref_scenario)
         root = base / f"round{i:03d}"
         root.mkdir(parents=True, exist_ok=True)
-        play(rnd, root, refs[ref_scenario])
+        play(rnd, root, refs[ref_scenario], s3=s3)
         played.append(rnd)
         state = "ok" if not rnd.problems else "FAILED: " + "; ".join(rnd.problems)
-        print(f"round {i:3d} {rnd.scenario:10s} {rnd.sig:7s} at {rnd.moment:45s} reached={str(rnd.reached):5s} "
+        outage = f" outage {rnd.outage}s" if rnd.outage else ""
+        print(f"round {i:3d} {rnd.scenario:10s} {rnd.sig:7s} at {rnd.moment + outage:45s} reached={str(rnd.reached):5s} "
               f"exit={rnd.exit_code}  {state}", flush=True)
+    if s3 is not None:
+        s3.close()
     reached = [r for r in played if r.reached]
     failed = [r for r in played if r.problems]
     print(f"{len(played)} kills tried, {len(reached)} reached their moment, {len(played) - len(failed)} survived "

@@ -15,6 +15,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))  # tcpproxy, chaos: shared with scripts/
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers on two cores: torch in a worker's own process (loading and rendering models) uses one thread,
     # as the CLI processes do (cli_env). Set before anything imports torch.
@@ -242,11 +243,9 @@ S3_BUCKET = "dbbatch-test"
 
 
 def free_port() -> int:
-    import socket
+    from tcpproxy import free_port as free
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free()
 
 
 def _http(method: str, url: str, timeout: float = 5.0) -> int:

@@ -332,6 +332,34 @@ def test_force_refuses_while_another_run_is_publishing_the_subject(tmp_path: Pat
     assert [s["status"] for s in report["subjects"]] == ["succeeded"]
 
 
+def test_a_lease_lost_right_after_success_leaves_the_subject_published_and_the_next_run_cleans_up(tmp_path: Path):
+    """Found by scripts/chaos.py (an outage right after `_SUCCESS`): the failed checkpoint deletion turned a
+    published subject into a failed one (exit 1, a retry for nothing). Now it stays succeeded, and the next run
+    that finds it done removes the checkpoints it left."""
+    m = _manifest(tmp_path, "out", SUBJECTS[:1])  # max_steps 4, checkpoint_every 2: step 2's is stored
+    marker = tmp_path / "published"
+    holder = _start(m, cli_env(DBBATCH_WORK_DIR=str(tmp_path / "w1"), DBBATCH_FAULTS="pause_at_publish=success",
+                               DBBATCH_FAULT_MARKER=str(marker)))
+    _wait_for(marker, holder)  # _SUCCESS written; the checkpoints not yet removed
+    leases = tmp_path / "out" / "_leases" / "rex"
+    doc = json.loads(sorted(leases.glob("*.json"))[-1].read_text())
+    taker = {**doc, "generation": doc["generation"] + 1, "token": "another-worker"}
+    (leases / f"{doc['generation'] + 1:08d}.json").write_text(json.dumps(taker))  # another worker took it over
+    Path(str(marker) + ".continue").touch()
+    (code, err), = _finish([holder])
+    assert code == 0, err[-3000:]
+    assert "rex: published; its checkpoints were not removed (subject rex: lease lost" in err, err[-3000:]
+    run_id = err.split(" INFO run ", 1)[1].split(":", 1)[0]
+    report = json.loads((tmp_path / "out" / "_runs" / f"{run_id}.json").read_text())
+    assert [s["status"] for s in report["subjects"]] == ["succeeded"]
+    assert list((tmp_path / "out" / "rex" / "checkpoints").glob("*.ckpt"))  # left behind
+    (leases / f"{doc['generation'] + 1:08d}.json").unlink()  # the other worker is gone
+    again = run_cli("run", str(m), env=cli_env(DBBATCH_WORK_DIR=str(tmp_path / "w2")), cwd=tmp_path)
+    assert again.returncode == 0 and "rex: already done" in again.stderr, again.stderr
+    assert "rex: removing the checkpoints its publishing run left" in again.stderr
+    assert not (tmp_path / "out" / "rex" / "checkpoints").exists()
+
+
 def test_a_sigkilled_holder_is_taken_over_after_its_lease_expires_and_training_resumes(tmp_path: Path):
     """A replacement pod on another node starts beside a live one (it waits), then the old one is SIGKILLed: the
     replacement takes the subject over once the lease has expired, and resumes from the checkpoint the dead

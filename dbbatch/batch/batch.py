@@ -267,7 +267,19 @@ class Batch:
         if self.opts.force or not self.storage.exists(done, fresh=True):
             return None
         log.info("%s: already done (%s exists); skipped", subject.id, done)
+        self.remove_leftover_checkpoints(subject)
         return SubjectResult(subject.id, "skipped", out)
+
+    def remove_leftover_checkpoints(self, subject: Subject) -> None:
+        """A done subject's checkpoints, left when its publishing run could not remove them (an outage or a lost
+        lease right after `_SUCCESS`): nothing resumes a done subject, and they can be gigabytes."""
+        folder = join(self.opts.output, subject.id, "checkpoints")
+        try:
+            if self.storage.list_files(folder, fresh=True):
+                log.info("%s: removing the checkpoints its publishing run left in %s", subject.id, folder)
+                self.storage.remove(folder, recursive=True)
+        except DbbatchError as e:
+            log.warning("%s: could not remove its leftover checkpoints (%s); the next run tries again", subject.id, e)
 
     def run_one(self, subject: Subject, lease: Optional[Lease] = None) -> SubjectResult:
         return self.outcome(subject, lambda: SubjectRun(self, subject, join(self.opts.output, subject.id), lease).run())

@@ -23,7 +23,8 @@ CODES = (
     ExitCode(FAILED, "at least one subject failed (see the table and the report), or an unexpected error", "Count"),
     ExitCode(INVALID, "invalid manifest or input (every subject attempted failed for bad input; subjects already done "
                       "do not count)", "FailIndex"),
-    ExitCode(STORAGE, "the output / prior cache cannot be written (credentials, bucket, permissions)", "Count"),
+    ExitCode(STORAGE, "the output / prior cache cannot be written or reached (credentials, bucket, permissions, an outage "
+                      "longer than the retries)", "Count"),
     ExitCode(INTERRUPTED, "interrupted by SIGINT (Ctrl-C), whenever it came: like 143, a checkpoint of the current step "
                           "and the run report are stored", "Ignore"),
     ExitCode(PREEMPTED, "preempted by SIGTERM, whenever it came: a checkpoint of the current step is stored", "Ignore"),

@@ -17,7 +17,7 @@ import yaml
 from dbbatch import __version__
 from dbbatch.batch.stages.context import SubjectContext
 from dbbatch.core import faults
-from dbbatch.core.errors import StorageError
+from dbbatch.core.errors import DbbatchError, StorageError
 from dbbatch.store.layout import STAGE, SUCCESS
 from dbbatch.store.locations import join, redact
 
@@ -143,9 +143,14 @@ class Publish:
         c.storage.remove_partials(c.out)  # left by a killed earlier attempt; see Storage.remove_partials
         c.storage.write_text(join(c.out, SUCCESS), f"{c.b.opts.run_id}\n")
         faults.on_publish("success")
-        # Done: resume state is dead weight now (for SD 1.5 several GB per subject), local scratch too.
-        c.confirm_lease("deleting checkpoints")
-        c.storage.remove(join(c.out, "checkpoints"), recursive=True)
+        # Done: resume state is dead weight now (for SD 1.5 several GB per subject), local scratch too. The subject
+        # is published whatever happens here: an outage or a lost lease leaves the checkpoints for the next run
+        # that finds the subject done (Batch.skipped_as_done), and never turns a published subject into a failed one.
+        try:
+            c.confirm_lease("deleting checkpoints")
+            c.storage.remove(join(c.out, "checkpoints"), recursive=True)
+        except DbbatchError as e:
+            log.warning("%s: published; its checkpoints were not removed (%s); the next run removes them", c.s.id, e)
         shutil.rmtree(c.work, ignore_errors=True)
         return metrics
 
