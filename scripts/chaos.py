@@ -2,12 +2,14 @@
 
     python scripts/chaos.py --rounds 40 --seed 7            # make chaos: solo, packed, sweep, evaluation, queue, s3
     python scripts/chaos.py --rounds 3 --scenarios solo     # a short round (tests/test_chaos.py runs one)
+    python scripts/chaos.py --every-moment SIGTERM --scenarios solo,packed   # each moment once: 143, a checkpoint
 
 Each round picks a scenario (a small batch on the built-in tiny model), a moment and a signal. The moment is a
 fault point of dbbatch/core/faults.py (a training step, a file being uploaded, a point of publishing) or a
 random delay after the start; the signal is SIGKILL or SIGTERM. The run is stopped there, then run again (a new
 pod: a fresh work dir, everything else from the output store) until it exits 0. Then, for the round:
-- the stopped run exited as documented (SIGTERM: 143, whenever it came; SIGKILL: killed);
+- the stopped run exited as documented (SIGTERM: 143, whenever it came; SIGKILL: killed), and a SIGTERM during
+  training left a checkpoint of its step;
 - every subject is published (`_SUCCESS`), and once: no run but the one `_SUCCESS` names reports it succeeded,
   and that one (if it wrote a report) does; its checkpoints are gone;
 - its weights are bitwise those of the uninterrupted reference run, and so is its loss curve;
@@ -162,6 +164,11 @@ def moments(scenario: str) -> list[str]:
     return out
 
 
+def in_training(moment: str) -> bool:
+    """Whether a stop at this moment lands while a subject trains (a checkpoint must then be stored)."""
+    return moment.startswith(("pause_at_step=", "sigterm_at_checkpoint=", "pause_at_upload=step-"))
+
+
 # -- one round ---------------------------------------------------------------------------------------------------
 @dataclass
 class Round:
@@ -257,6 +264,10 @@ def play(rnd: Round, root: Path, reference: Path, start: Callable[..., Any] = de
     for p in procs:
         p.communicate(timeout=timeout)
     rnd.exit_code = victim.returncode
+    if rnd.reached and rnd.sig == "SIGTERM" and output == str(out) and in_training(rnd.moment):
+        # SIGTERM during training: the grace period went to a checkpoint of the step it came in
+        if not list(out.glob("*/checkpoints/*.ckpt")) + list(out.glob("_cohorts/*/checkpoints/*.ckpt")):
+            rnd.problems.append("SIGTERM during training left no checkpoint")
     if rnd.reached:
         # no signal: the run rode the outage out (0), failed its subject (1) or the batch's storage (3)
         expected = {"SIGTERM": (143,), "SIGKILL": (-signal.SIGKILL,), "none": (0, 1, 3)}[rnd.sig]
@@ -302,6 +313,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)}")
     ap.add_argument("--keep", type=Path, help="keep every round's folders here (default: a temporary folder)")
+    ap.add_argument("--every-moment", choices=["SIGTERM", "SIGKILL"],
+                    help="instead of random rounds: each scenario stopped once at each of its moments with this signal")
     a = ap.parse_args(argv)
     scenarios = tuple(a.scenarios.split(","))
     unknown = [s for s in scenarios if s not in SCENARIOS]
@@ -312,7 +325,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     refs: dict[str, Path] = {}
     played: list[Round] = []
     started = time.monotonic()
-    planned = rounds(a.rounds, a.seed, scenarios)
+    planned = ([Round(s, m, a.every_moment, outage=2.0 if s == "s3" else 0.0) for s in scenarios for m in moments(s)]
+               if a.every_moment else rounds(a.rounds, a.seed, scenarios))
     s3 = S3World(base) if any(r.scenario == "s3" for r in planned) else None
     for i, rnd in enumerate(planned):
         # a queue batch and an s3 one are the solo batch (where it is stored does not change a bit of it)
