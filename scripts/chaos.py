@@ -158,7 +158,9 @@ def moments(scenario: str) -> list[str]:
     if scenario == "s3":  # points that can also go on without a signal (an upload's pause waits for one)
         return out + ["pause_at_publish=config", "pause_at_publish=success"] + [f"after={t}" for t in (1.5, 3.0, 5.0)]
     out += [f"pause_at_upload={n}" for n in (f"step-{EVERY:07d}.ckpt", "diffusion_pytorch_model.safetensors",
-                                             "pytorch_lora_weights.safetensors", "grid.png", "metrics.json", "photos.png")]
+                                             "pytorch_lora_weights.safetensors", "grid.png", "metrics.json", "photos.png",
+                                             "000001.png",  # a class-prior image (priors)
+                                             "index.html")]  # the batch report
     out += ["pause_at_publish=config", "pause_at_publish=success", "sigterm_at_checkpoint=3"]
     out += [f"after={t}" for t in (0.5, 1.5, 3.0, 5.0)]
     return out
