@@ -93,9 +93,11 @@ def pytest_testnodedown(node, error) -> None:
 # A test file is one xdist group unless its tests name their own (`pytest.mark.xdist_group`): module fixtures are
 # then built once, on one worker. Groups start longest first (seconds from pytest's cache of the last run, or
 # GROUP_SECONDS on a clean clone), so that no long group starts last while the other worker sits idle.
-GROUP_SECONDS = {"learning-seed0": 120, "learning-seed1": 110, "learning-lora": 120, "tests/test_resume.py": 100,
-                 "tests/test_packing.py": 95, "tests/test_tracking.py": 95, "tests/test_lora.py": 75,
-                 "tests/test_throughput_features.py": 70}
+GROUP_SECONDS = {"learning-lora": 95, "learning-seed0": 90, "tests/test_resume.py": 120, "learning-seed1": 70,
+                 "tests/test_packing.py": 92, "tests/test_lora.py": 90, "tests/test_tracking.py": 81,
+                 "tests/test_leases.py": 71, "tests/test_ddp.py": 47, "tests/test_evaluation.py": 47,
+                 "tests/test_throughput_features.py": 45, "tests/test_healing.py": 44, "tests/test_s3.py": 44,
+                 "tests/test_chaos.py": 31}
 _GROUP_CACHE_KEY = "dbbatch/xdist-group-seconds"
 
 
@@ -131,8 +133,12 @@ def pytest_terminal_summary(terminalreporter) -> None:
                 groups[group] = groups.get(group, 0.0) + r.duration
     if not seconds:
         return
-    cache = getattr(terminalreporter.config, "cache", None)
-    if cache is not None and not hasattr(terminalreporter.config, "workerinput"):
+    config = terminalreporter.config
+    cache = getattr(config, "cache", None)
+    # Only a whole run's seconds schedule the next one: a `-k` or single-file run's would be a part of a group's.
+    whole = (not config.option.keyword and not config.option.markexpr and not getattr(config.option, "deselect", None)
+             and [Path(a).resolve() for a in config.args] == [Path(__file__).resolve().parent])
+    if cache is not None and whole and not hasattr(config, "workerinput"):
         cache.set(_GROUP_CACHE_KEY, {**cache.get(_GROUP_CACHE_KEY, {}), **{g: round(s, 1) for g, s in groups.items()}})
     terminalreporter.write_sep("-", "seconds and dbbatch processes per test file")
     for test, s in sorted(seconds.items(), key=lambda kv: -kv[1]):
