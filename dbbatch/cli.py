@@ -262,7 +262,9 @@ def run(
             log.error("could not write --report: %s", e)
     print_results(results)
     if not preempted:  # a preempted pod's grace period is for its checkpoint and exit code, not the report
-        page = _refresh_report(storage, out, [s.id for s in resolve_subjects(m, base_dir)], batch.leases)
+        from dbbatch.quality.report import refresh
+
+        page = refresh(storage, out, [s.id for s in resolve_subjects(m, base_dir)], batch.leases, stop=signals.requested)
         if page:
             typer.echo(f"report: {page}")
     preempted = preempted or signals.requested()  # one that came while the report was built exits 143 too
@@ -339,23 +341,6 @@ def _pairs(flag: str, items: Optional[list[str]]) -> dict[str, str]:
             raise InputError(f"{flag}: {item!r} is not KEY=VALUE")
         out[key] = value
     return out
-
-
-def _refresh_report(storage: Any, output: str, subject_ids: Optional[list[str]], leases: Any) -> Optional[str]:
-    """Rebuild <output>/_report/ (every shard's subjects, as stored) under the report's lease (None: --no-leases);
-    its page's location, or None when it could not be written (logged: the subjects' own outputs are what
-    matters)."""
-    from dbbatch.core import signals
-    from dbbatch.quality.report import REPORT, build_serialized
-    from dbbatch.store.locations import join, redact
-
-    try:
-        if build_serialized(storage, output, subject_ids, leases, stop=signals.requested) is None:
-            return None
-    except Exception as e:  # noqa: BLE001 - the report is derived from stored results; it never fails the run
-        log.error("could not write the batch report (`dbbatch report %s` rebuilds it): %s: %s", redact(output), type(e).__name__, e)
-        return None
-    return join(output, REPORT, "index.html")
 
 
 @app.command()

@@ -127,3 +127,16 @@ def build_serialized(storage: Any, output: str, subject_ids: Optional[list[str]]
         return build(storage, output, subject_ids, stop, guard=lease.verify)
     finally:
         lease.release("done")
+
+
+def refresh(storage: Any, output: str, subject_ids: Optional[list[str]], leases: Any,
+            stop: Optional[Callable[[], bool]] = None) -> Optional[str]:
+    """What `dbbatch run` ends with: `build_serialized`, never raising (the report is derived from stored
+    results; it never fails the run). Its page's location, or None when it was not written (logged)."""
+    try:
+        if build_serialized(storage, output, subject_ids, leases, stop=stop) is None:
+            return None
+    except Exception as e:  # noqa: BLE001
+        log.error("could not write the batch report (`dbbatch report %s` rebuilds it): %s: %s", redact(output), type(e).__name__, e)
+        return None
+    return join(output, REPORT, "index.html")
