@@ -12,7 +12,8 @@ pod: a fresh work dir, everything else from the output store) until it exits 0. 
   training left a checkpoint of its step;
 - every subject is published (`_SUCCESS`), and once: no run but the one `_SUCCESS` names reports it succeeded,
   and that one (if it wrote a report) does; its checkpoints are gone;
-- its weights are bitwise those of the uninterrupted reference run, and so is its loss curve;
+- its weights are bitwise those of the uninterrupted reference run, and so is its loss curve (a packed
+  member that resumed in another cohort: to float32 rounding, PACKED_TOL, as tests/test_packing.py documents);
 - no partial file (`.<name>.<hex>.part`, `*.part`) is left in a published subject's folder.
 A queue round starts two `--queue` workers on one output and stops one of them. An s3 round writes to a moto
 S3 server behind a TCP proxy and cuts the endpoint when the moment comes (an outage of 1-4 s, the lease's
@@ -192,14 +193,23 @@ def _trained(subject: Path) -> dict[str, Any]:
     return {"weights": weights, "losses": json.loads((subject / "metrics.json").read_text())["loss_curve"]}
 
 
-def _equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
+def _equal(a: dict[str, Any], b: dict[str, Any], tol: float = 0.0) -> bool:
     import torch
 
-    return a["losses"] == b["losses"] and a["weights"].keys() == b["weights"].keys() and all(
-        torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    if a["weights"].keys() != b["weights"].keys() or len(a["losses"]) != len(b["losses"]):
+        return False
+    if tol == 0.0:
+        return a["losses"] == b["losses"] and all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    return (all(abs(x - y) <= tol for x, y in zip(a["losses"], b["losses"]))
+            and all((a["weights"][k] - b["weights"][k]).abs().max() <= tol for k in a["weights"]))
 
 
-def check(out: Path, reference: Path, subject_ids: list[str]) -> list[str]:
+# Packed members that resume in another cohort (K changed: the others were published) train the same sums in
+# other kernels: equal to float32 rounding, as tests/test_packing.py documents (TOL there), not bitwise.
+PACKED_TOL = 1e-5
+
+
+def check(out: Path, reference: Path, subject_ids: list[str], tol: float = 0.0) -> list[str]:
     """What must hold for a batch after its reruns (see the module's docstring); one line per breach."""
     problems = []
     reports = [json.loads(p.read_text()) for p in sorted((out / "_runs").glob("*.json"))]
@@ -222,8 +232,9 @@ def check(out: Path, reference: Path, subject_ids: list[str]) -> list[str]:
         parts = [str(p.relative_to(out)) for p in folder.rglob("*") if PART.search(p.name)]
         if parts:
             problems.append(f"{sid}: partial files left: {parts[:3]}")
-        if not _equal(_trained(folder), _trained(reference / sid)):
-            problems.append(f"{sid}: weights or loss curve differ from the uninterrupted run")
+        if not _equal(_trained(folder), _trained(reference / sid), tol):
+            problems.append(f"{sid}: weights or loss curve differ from the uninterrupted run"
+                            + (f" by more than {tol:g}" if tol else ""))
     return problems
 
 
@@ -263,13 +274,13 @@ def play(rnd: Round, root: Path, reference: Path, start: Callable[..., Any] = de
         rnd.sig = "SIGTERM"  # the process signals itself, mid-write
     elif rnd.sig != "none" and victim.poll() is None:
         victim.send_signal(getattr(signal, rnd.sig))
-    for p in procs:
-        p.communicate(timeout=timeout)
+    victim_err = [p.communicate(timeout=timeout)[1] for p in procs][0]
     rnd.exit_code = victim.returncode
-    if rnd.reached and rnd.sig == "SIGTERM" and output == str(out) and in_training(rnd.moment):
-        # SIGTERM during training: the grace period went to a checkpoint of the step it came in
-        if not list(out.glob("*/checkpoints/*.ckpt")) + list(out.glob("_cohorts/*/checkpoints/*.ckpt")):
-            rnd.problems.append("SIGTERM during training left no checkpoint")
+    if rnd.reached and rnd.sig == "SIGTERM" and in_training(rnd.moment) and rnd.exit_code == 143:
+        # SIGTERM during training: the grace period went to a checkpoint of the step it came in (said in the log:
+        # the stored file itself may be gone by now, removed by the queue worker that finished the subject)
+        if "SIGTERM received; checkpoint at step" not in victim_err:
+            rnd.problems.append("SIGTERM during training stored no checkpoint")
     if rnd.reached:
         # no signal: the run rode the outage out (0), failed its subject (1) or the batch's storage (3)
         expected = {"SIGTERM": (143,), "SIGKILL": (-signal.SIGKILL,), "none": (0, 1, 3)}[rnd.sig]
@@ -285,7 +296,7 @@ def play(rnd: Round, root: Path, reference: Path, start: Callable[..., Any] = de
     ids = [p.parent.name for p in reference.glob("*/_SUCCESS")]
     if output != str(out):
         s3.download(output, out)  # read back from the store, past the proxy
-    rnd.problems += check(out, reference, sorted(ids))
+    rnd.problems += check(out, reference, sorted(ids), PACKED_TOL if rnd.scenario == "packed" else 0.0)
     return rnd
 
 
