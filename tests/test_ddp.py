@@ -103,7 +103,9 @@ def test_ddp_ranks_stop_when_the_subject_lease_is_lost(tmp_path: Path):
     doc = json.loads(held.read_text())
     taker = {**doc, "generation": doc["generation"] + 1, "token": "another-worker", "holder": {**doc["holder"], "pid": 1}}
     (leases / f"{doc['generation'] + 1:08d}.json").write_text(json.dumps(taker))  # another worker took it over
-    time.sleep(4)  # the holder's renewal (every ttl/3 = 2 s) finds the newer generation; its fence watcher follows
+    # The holder's renewal (every ttl/3 = 2 s) finds the newer generation, its fence watcher (every 1 s) follows.
+    # 7 s is past the 6 s ttl: even with no renewal at all under load, the lease has expired by the holder's clock.
+    time.sleep(7)
     Path(f"{marker}.continue").write_text("")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err[-3000:]

@@ -51,6 +51,7 @@ class Batch:
         self.device: Any = None
         self.leases = Leases(storage, options.output, options.run_id, options.lease_seconds) if options.leases else None
         self.tracked: dict[str, Any] = {}  # subject id -> its open tracking runs (tracking.SubjectRuns)
+        self._cleaned: set[str] = set()  # done subjects whose leftover checkpoints were looked for
         # Scratch of this process only: two workers sharing a work dir never touch each other's files.
         self.scratch = scratch_dir(options.work_dir, options.run_id)
 
@@ -267,12 +268,15 @@ class Batch:
         if self.opts.force or not self.storage.exists(done, fresh=True):
             return None
         log.info("%s: already done (%s exists); skipped", subject.id, done)
-        self.remove_leftover_checkpoints(subject)
+        if subject.id not in self._cleaned:  # one listing per done subject and process
+            self._cleaned.add(subject.id)
+            self.remove_leftover_checkpoints(subject)
         return SubjectResult(subject.id, "skipped", out)
 
     def remove_leftover_checkpoints(self, subject: Subject) -> None:
         """A done subject's checkpoints, left when its publishing run could not remove them (an outage or a lost
-        lease right after `_SUCCESS`): nothing resumes a done subject, and they can be gigabytes."""
+        lease right after `_SUCCESS`): nothing resumes a done subject, and they can be gigabytes. The cost is one
+        listing per done subject and run (a HEAD already tells it is done)."""
         folder = join(self.opts.output, subject.id, "checkpoints")
         try:
             if self.storage.list_files(folder, fresh=True):
