@@ -74,6 +74,7 @@ class Plan:
     lora_rank: int = 16  # train.lora.rank (= alpha) with method lora
     prior_source: str = "images"  # priors.source
     checkpoint_every: Optional[int] = None  # None: no checkpoint inside the run
+    base_dtype: str = "fp32"  # the manifest's base_dtype
 
 
 PLANS = {
@@ -93,6 +94,13 @@ PLANS = {
     "sdxl-lora": Plan("sdxl-lora", "builtin:sdxl", 1024, max_steps=60, prior_images=4, prior_steps=25, sample_steps=25,
                       sample_seeds=1, batches=(1,), mixed_precision="bf16", output_dtype="fp16", model_format="lora",
                       in_memory=True, method="lora", lora_rank=16),
+    # FLUX.1-shaped, CPU-sized (tiny-flux): LoRA rank 16 on the attention preset, at its native 64 px
+    "tiny-flux": Plan("tiny-flux", "builtin:tiny-flux", 64, max_steps=50, prior_images=8, prior_steps=20, sample_steps=20,
+                      sample_seeds=2, batches=(1, 4), model_format="lora", method="lora", lora_rank=16),
+    # GPU: LoRA rank 16 on the FLUX.1-dev architecture (12B transformer, T5-XXL) at 512 px from a bf16 base
+    "flux-lora": Plan("flux-lora", "builtin:flux", 512, max_steps=30, prior_images=4, prior_steps=28, sample_steps=28,
+                      sample_seeds=1, batches=(1,), mixed_precision="bf16", output_dtype="fp16", model_format="lora",
+                      in_memory=True, method="lora", lora_rank=16, base_dtype="bf16"),
 }
 DEFAULT_ARCHS = ("tiny", "small")
 # --methods: training methods compared on each architecture (issue 12), each with one checkpoint mid-run
@@ -146,7 +154,7 @@ def write_manifest(path: Path, plan: Plan, output: Path, subject_dirs: list[Path
 
     doc = {
         "version": 1, "base_model": plan.base_model, "output": str(output),
-        "output_dtype": plan.output_dtype, "model_format": plan.model_format,
+        "output_dtype": plan.output_dtype, "model_format": plan.model_format, "base_dtype": plan.base_dtype,
         "defaults": {
             "resolution": plan.resolution,
             "train": {"max_steps": plan.max_steps, "batch_size": 1, "learning_rate": 5e-6 if plan.method == "full" else 1e-4,
@@ -539,7 +547,7 @@ def child_main(spec_path: Path) -> int:
         return 0
     result: dict[str, Any] = {
         "model_load_seconds": batch.model_load_seconds, "device": str(batch.device), "subjects": [],
-        "params_m": sum(p.numel() for mod in (model.unet, model.vae, *model.text_encoders) for p in mod.parameters()) / 1e6,
+        "params_m": sum(p.numel() for mod in (model.denoiser, model.vae, *model.text_encoders) for p in mod.parameters()) / 1e6,
     }
     for subject in resolve_subjects(manifest, base_dir):
         started = time.monotonic()
@@ -563,14 +571,17 @@ def preload_in_memory(batch: Any, plan: Plan) -> None:
     import torch
 
     from dbbatch.models.base import BaseModel
-    from dbbatch.models.builtin import BUILTIN_SEED, BUILTIN_VERSION, SCHEDULER_CONFIG, build_builtin
+    from dbbatch.models.builtin import ARCHS, BUILTIN_SEED, BUILTIN_VERSION, SCHEDULER_CONFIG, build_builtin
 
     name = plan.base_model.split(":", 1)[1]
     started = time.monotonic()
     comps = build_builtin(name)
     comps.pop("scheduler")
-    model = BaseModel(**comps, scheduler_config=dict(SCHEDULER_CONFIG),
+    comps["denoiser"] = comps.pop(comps["family"].denoiser)
+    model = BaseModel(**comps, scheduler_config=dict(ARCHS[name].get("scheduler", SCHEDULER_CONFIG)),
                       identity=f"builtin:{name}:v{BUILTIN_VERSION}:seed{BUILTIN_SEED}", source=plan.base_model)
+    if plan.base_dtype != "fp32":  # before the move: FLUX.1-dev's 16.7B float32 parameters are 67 GB
+        model.hold_in(plan.base_dtype)
     model.freeze()
     batch.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch._model = model.to(batch.device)
@@ -631,12 +642,12 @@ def unet_train_flops(batch: Any, plan: Plan) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     model = batch.model
-    unet = model.unet
+    unet = model.denoiser  # the family's (a UNet, FLUX.1's transformer)
     lat = plan.resolution // model.vae_scale_factor
     device = batch.device
     from dbbatch.train.module import rows
 
-    x = torch.randn(2, unet.config.in_channels, lat, lat, device=device)
+    x = torch.randn(2, model.vae.config.latent_channels, lat, lat, device=device)
     cond = {**model.encode(["a photo of sks dog"], device),
             **{k: v.to(device) for k, v in model.family.added_conditioning(None, plan.resolution).items()}}
     cond = rows(cond, 2)

@@ -392,7 +392,7 @@ def schema() -> None:
 @app.command("tiny-model")
 def tiny_model(
     out_dir: Path = typer.Argument(..., help="Folder to write the diffusers pipeline to."),
-    arch: str = typer.Option("tiny-sd", "--arch", help="Built-in model: tiny-sd, small-sd, sd15, tiny-sdxl, sdxl (random weights) or toy-sd (pretrained)."),
+    arch: str = typer.Option("tiny-sd", "--arch", help="Built-in model: tiny-sd, small-sd, sd15, tiny-sdxl, sdxl, tiny-flux, tiny-flux-schnell, flux (random weights) or toy-sd (pretrained)."),
 ) -> None:
     """Write a built-in model (random weights from a fixed seed, or toy-sd's trained ones) as a diffusers folder."""
     _setup_logging(False)

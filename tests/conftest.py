@@ -97,7 +97,7 @@ GROUP_SECONDS = {"learning-lora": 95, "learning-seed0": 90, "tests/test_resume.p
                  "tests/test_packing.py": 92, "tests/test_lora.py": 90, "tests/test_tracking.py": 81,
                  "tests/test_leases.py": 71, "tests/test_ddp.py": 47, "tests/test_evaluation.py": 47,
                  "tests/test_throughput_features.py": 45, "tests/test_healing.py": 44, "tests/test_s3.py": 44,
-                 "tests/test_chaos.py": 31}
+                 "tests/test_chaos.py": 31, "tests/test_flux.py": 23}
 _GROUP_CACHE_KEY = "dbbatch/xdist-group-seconds"
 
 

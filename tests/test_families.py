@@ -109,13 +109,13 @@ def test_training_conditioning_is_what_the_pipeline_computes(models, family: str
 def test_an_unsupported_pipeline_class_is_one_line_naming_it_and_the_supported_ones(tmp_path: Path, tiny_model_dir: Path):
     from dbbatch.models.loading import load_base_model
 
-    folder = tmp_path / "flux"
+    folder = tmp_path / "sd3"
     shutil.copytree(tiny_model_dir, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
-    expected = (f"base_model {str(folder)!r}: its pipeline class 'FluxPipeline' (model_index.json _class_name) is not "
-                "supported; dbbatch trains StableDiffusionPipeline (Stable Diffusion 1.x/2.x), StableDiffusionXLPipeline "
-                "(Stable Diffusion XL)")
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
+    expected = (f"base_model {str(folder)!r}: its pipeline class 'StableDiffusion3Pipeline' (model_index.json _class_name) "
+                "is not supported; dbbatch trains StableDiffusionPipeline (Stable Diffusion 1.x/2.x), "
+                "StableDiffusionXLPipeline (Stable Diffusion XL), FluxPipeline (FLUX.1)")
     with pytest.raises(ModelError) as caught:
         load_base_model(str(folder), None, tmp_path / "cache", None)
     assert str(caught.value) == expected

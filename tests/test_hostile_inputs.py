@@ -108,6 +108,14 @@ def fake_sd_folder(d: Path, name: str = "sd") -> None:
     shutil.copytree(REPO / "dbbatch" / "assets" / "tokenizer", m / "tokenizer")
 
 
+def flux_folder_without_t5(d: Path) -> None:
+    """A FLUX.1 folder (model_index.json of FluxPipeline) whose T5 encoder was not uploaded."""
+    m = d / "flux"
+    for part in ("transformer", "vae", "text_encoder", "tokenizer", "tokenizer_2", "scheduler"):
+        (m / part).mkdir(parents=True)
+    (m / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+
+
 def broken_tokenizer_folder(d: Path) -> None:
     fake_sd_folder(d, "broken")
     (d / "broken" / "tokenizer" / "vocab.json").write_text("<html>rate limited</html>")
@@ -170,7 +178,7 @@ MANIFEST_CASES = [
         "m.yaml: ouptut: unknown key; did you mean 'output'?"]),
     ManifestCase("unknown-key", doc(subject(colour="brown")), 2, [
         "m.yaml: subjects[0].colour: unknown key; allowed here: resolution, instance_prompt, class_prompt, train, "
-        "priors, samples, evaluation, sdxl, id, token, class_noun, images, sweep"]),
+        "priors, samples, evaluation, sdxl, flux, id, token, class_noun, images, sweep"]),
     ManifestCase("missing-key", {"subjects": [subject()]}, 2, [
         "m.yaml: output: required key is missing (Where results go: a local path or fsspec URL.)"]),
     ManifestCase("wrong-type-number", doc(subject(train={"max_steps": "many"})), 2, [
@@ -227,19 +235,20 @@ MANIFEST_CASES = [
         "m.yaml: output: unsupported location 's4://bucket/out': Protocol not known: s4; did you mean 's3://'?"]),
     ManifestCase("base-model-missing", doc(base_model="./no-such-model"), 2, [
         "m.yaml: base_model './no-such-model': no such folder ({dir}/no-such-model); give a diffusers folder, a "
-        "built-in model (builtin:tiny-sd, builtin:small-sd, builtin:sd15, builtin:tiny-sdxl, builtin:sdxl, builtin:toy-sd) or a hub id (org/name)"]),
+        "built-in model (builtin:tiny-sd, builtin:small-sd, builtin:sd15, builtin:tiny-sdxl, builtin:sdxl, builtin:tiny-flux, builtin:tiny-flux-schnell, builtin:flux, builtin:toy-sd) or a hub id (org/name)"]),
     ManifestCase("base-model-typo", doc(base_model="bulitin:tiny-sd"), 2, [
         "m.yaml: base_model 'bulitin:tiny-sd': no such folder ({dir}/bulitin:tiny-sd); give a diffusers folder, a "
-        "built-in model (builtin:tiny-sd, builtin:small-sd, builtin:sd15, builtin:tiny-sdxl, builtin:sdxl, builtin:toy-sd) or a hub id (org/name); did you mean "
+        "built-in model (builtin:tiny-sd, builtin:small-sd, builtin:sd15, builtin:tiny-sdxl, builtin:sdxl, builtin:tiny-flux, builtin:tiny-flux-schnell, builtin:flux, builtin:toy-sd) or a hub id (org/name); did you mean "
         "'builtin:tiny-sd'?"]),
     ManifestCase("base-model-not-diffusers", doc(base_model="./weights"), 2, [
         "m.yaml: base_model './weights': not a diffusers folder (no model_index.json); use a folder saved with "
         "save_pretrained of StableDiffusionPipeline (Stable Diffusion 1.x/2.x), StableDiffusionXLPipeline (Stable "
-        "Diffusion XL)"], setup=not_diffusers_folder),
-    ManifestCase("base-model-unsupported-pipeline-class", doc(base_model="./flux"), 2, [
-        "m.yaml: base_model './flux': its pipeline class 'FluxPipeline' (model_index.json _class_name) is not supported; "
-        "dbbatch trains StableDiffusionPipeline (Stable Diffusion 1.x/2.x), StableDiffusionXLPipeline (Stable Diffusion XL)"],
-        setup=lambda d: (fake_sd_folder(d, "flux"), (d / "flux" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}'))),
+        "Diffusion XL), FluxPipeline (FLUX.1)"], setup=not_diffusers_folder),
+    ManifestCase("base-model-unsupported-pipeline-class", doc(base_model="./sd3"), 2, [
+        "m.yaml: base_model './sd3': its pipeline class 'StableDiffusion3Pipeline' (model_index.json _class_name) is not "
+        "supported; dbbatch trains StableDiffusionPipeline (Stable Diffusion 1.x/2.x), StableDiffusionXLPipeline (Stable "
+        "Diffusion XL), FluxPipeline (FLUX.1)"],
+        setup=lambda d: (fake_sd_folder(d, "sd3"), (d / "sd3" / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}'))),
     ManifestCase("sdxl-keys-on-an-sd-model", doc(subject(sdxl={"original_size": [1024, 1024]})), 2, [
         "m.yaml: subjects[0].sdxl: applies to Stable Diffusion XL base models only, but base_model builtin:tiny-sd is "
         "Stable Diffusion 1.x/2.x (StableDiffusionPipeline); remove it"]),
@@ -258,6 +267,38 @@ MANIFEST_CASES = [
                  doc(subject(train={"method": "lora"}, sdxl={"train_text_encoder_2": True}), base_model="builtin:tiny-sdxl"), 2, [
         "m.yaml: subjects[0].sdxl.train_text_encoder_2: trains the second text encoder beside the first, but "
         "train.lora.text_encoder is false; set train.lora.text_encoder: true or remove sdxl.train_text_encoder_2"]),
+    # FLUX.1 (issue 27)
+    ManifestCase("flux-full-fine-tune", doc(base_model="builtin:tiny-flux"), 2, [
+        "m.yaml: defaults.train.method: full fine-tuning is refused for FLUX.1 (builtin:tiny-flux): FLUX.1's transformer "
+        "has 12B parameters: a full fine-tune per subject needs about 190 GB for its weights, gradients and AdamW state "
+        "and writes a 24 GB model; train LoRA adapters instead (train.method: lora)"]),
+    ManifestCase("flux-resolution-not-a-multiple-of-16",
+                 doc(defaults={"resolution": 40, "train": {"method": "lora"}}, base_model="builtin:tiny-flux"), 2, [
+        "m.yaml: defaults.resolution: 40 is not a multiple of 16 (diffusers renders multiples of 8, and the VAE scale "
+        "factor of builtin:tiny-flux is 8, in 2x2 latent patches; native size 64); use 32 or 48"]),
+    ManifestCase("flux-guidance-for-schnell",
+                 doc(subject(train={"method": "lora"}, flux={"train_guidance": 3.5}), base_model="builtin:tiny-flux-schnell"), 2, [
+        "m.yaml: subjects[0].flux.train_guidance: builtin:tiny-flux-schnell is not guidance-distilled (its transformer "
+        "has no guidance embedding, as FLUX.1-schnell); remove flux.train_guidance"]),
+    ManifestCase("flux-section-for-sd", doc(subject(flux={"weighting_scheme": "logit_normal"})), 2, [
+        "m.yaml: subjects[0].flux: applies to FLUX.1 base models only, but base_model builtin:tiny-sd is Stable "
+        "Diffusion 1.x/2.x (StableDiffusionPipeline); remove it"]),
+    ManifestCase("flux-scheme-typo-and-zero-shift",
+                 doc(defaults={"train": {"method": "lora"}, "flux": {"weighting_scheme": "logit-normal", "timestep_shift": 0}},
+                     base_model="builtin:tiny-flux"), 2, [
+        "m.yaml: defaults.flux.weighting_scheme: must be one of 'none', 'logit_normal' or 'mode', got 'logit-normal'; "
+        "did you mean 'logit_normal'?",
+        "m.yaml: defaults.flux.timestep_shift: must be > 0.0, got 0"]),
+    ManifestCase("flux-true-cfg-below-one", doc(subject(flux={"true_cfg_scale": 0.5}), base_model="builtin:tiny-flux"), 2, [
+        "m.yaml: subjects[0].flux.true_cfg_scale: must be >= 1.0, got 0.5"]),
+    ManifestCase("base-dtype-with-method-full", doc(base_dtype="bf16"), 2, [
+        "m.yaml: base_dtype: bf16 holds the base weights in bf16, but subjects[0] (rex) fine-tunes them (method full), "
+        "which needs fp32; set train.method: lora or base_dtype fp32"]),
+    ManifestCase("base-dtype-typo", doc(base_dtype="bfloat16"), 2, [
+        "m.yaml: base_dtype: must be one of 'fp32', 'bf16' or 'fp16', got 'bfloat16'; did you mean 'bf16'?"]),
+    ManifestCase("flux-folder-without-t5", doc(defaults={"train": {"method": "lora"}}, base_model="./flux"), 2, [
+        "m.yaml: base_model './flux': diffusers folder lacks text_encoder_2; a complete FluxPipeline folder is needed"],
+        setup=flux_folder_without_t5),
     ManifestCase("base-model-broken-tokenizer", doc(base_model="./broken"), 2, [
         "m.yaml: base_model './broken': the tokenizer in {dir}/broken/tokenizer cannot be loaded (Error while "
         "initializing BPE: expected value at line 1 column 1); the folder is incomplete or damaged: save the pipeline again"],
@@ -401,7 +442,7 @@ MANIFEST_CASES = [
         "method lora); set train.method: lora or remove train.lora (and 3 more variant(s) of this sweep)"]),
     ManifestCase("sweep-in-defaults", doc(defaults={"sweep": {"train.seed": [1, 2]}}), 2, [
         "m.yaml: defaults.sweep: unknown key; allowed here: resolution, instance_prompt, class_prompt, train, priors, "
-        "samples, evaluation, sdxl"]),
+        "samples, evaluation, sdxl, flux"]),
     ManifestCase("sweep-variant-id-too-long", doc(subject(id="a" * 63, sweep={"train.text_encoder_learning_rate": [1e-4], "priors.guidance_scale": [1.5], "samples.guidance_scale": [3.0], "train.with_prior_preservation": [True]})), 2, [
         "m.yaml: subjects[0].sweep: the variant id '" + "a" * 63 + "~te_lr=1e-4,priors.guidance_scale=1.5,"
         "samples.guidance_scale=3,prior=true' is 136 characters long, at most 128; shorten the subject's id or sweep "

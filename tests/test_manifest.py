@@ -110,12 +110,12 @@ def test_geometry_from_configs_matches_what_the_vae_does(arch):
     from dbbatch.batch.model_checks import model_geometry
     from dbbatch.models.builtin import ARCHS
 
-    factor, native = model_geometry(f"builtin:{arch}", None, storage=None, check_remote=False)
+    factor, native, patch = model_geometry(f"builtin:{arch}", None, storage=None, check_remote=False)
     vae = AutoencoderKL(**ARCHS[arch]["vae"])
     with torch.no_grad():
         latent = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
     assert 64 // latent.shape[-1] == factor
-    assert native == ARCHS[arch]["unet"]["sample_size"] * factor
+    assert native == ARCHS[arch]["unet"]["sample_size"] * factor and patch == 1
 
 
 def test_geometry_of_a_diffusers_folder_needs_only_its_configs(tmp_path: Path):
@@ -125,7 +125,7 @@ def test_geometry_of_a_diffusers_folder_needs_only_its_configs(tmp_path: Path):
     (tmp_path / "unet").mkdir()
     (tmp_path / "vae" / "config.json").write_text('{"block_out_channels": [128, 256, 512, 512]}')
     (tmp_path / "unet" / "config.json").write_text('{"sample_size": 96}')
-    assert model_geometry(str(tmp_path), None, storage=None, check_remote=False) == (8, 768)  # SD 2.x at 768
+    assert model_geometry(str(tmp_path), None, storage=None, check_remote=False) == (8, 768, 1)  # SD 2.x at 768
     (tmp_path / "vae" / "config.json").write_text("not json")
     assert model_geometry(str(tmp_path), None, storage=None, check_remote=False) is None  # reported elsewhere
 

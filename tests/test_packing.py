@@ -175,6 +175,21 @@ def test_an_sdxl_cohort_equals_solo_runs_and_the_test_catches_a_batch_mean(world
     assert max(gap(out, solo, sid) for sid in IDS) > 100 * TOL
 
 
+def test_a_flux_cohort_equals_solo_runs_and_the_test_catches_a_batch_mean(world):
+    """Packing on the FLUX.1 family (tiny-flux): each member's T5 sequence, pooled CLIP and guidance value go with
+    its rows, and its flow-matching timesteps come from its own keys (logit-normal, shifted)."""
+    flux = {"base_model": "builtin:tiny-flux",
+            "own": {sid: {"flux": {"weighting_scheme": "logit_normal", "timestep_shift": 3.0}} for sid in IDS}}
+    flux["own"]["tom"].update(token="ohwx", class_noun="cat")
+    packed, _ = world.run("flux-packed", **flux)
+    solo, _ = world.run("flux-solo", per_step=1, **flux)
+    for sid in IDS:
+        assert gap(packed, solo, sid) < TOL, sid
+        assert metrics(packed, sid)["cohort"]["size"] == 3 and "cohort" not in metrics(solo, sid)
+    out, _ = world.run("flux-batch-mean", faults="packing_variant=batch_mean", **flux)
+    assert max(gap(out, solo, sid) for sid in IDS) > 100 * TOL
+
+
 def test_another_subjects_photos_change_no_other_adapter(world, reference, clip):
     out, _ = world.run("isolation", images={"tom": "imgs/tom-other/"}, train={"max_grad_norm": clip})
     assert gap(out, reference, "tom") > 100 * TOL  # the photos did change tom's

@@ -65,6 +65,8 @@ class Batch:
 
             started = time.monotonic()
             self._model = load_base_model(self.manifest.base_model, self.base_dir, self.opts.work_dir / "cache", self.storage)
+            if self.manifest.base_dtype != "fp32":
+                self._model.hold_in(self.manifest.base_dtype)
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             self._model.to(self.device)
             self.model_load_seconds = time.monotonic() - started

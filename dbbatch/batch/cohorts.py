@@ -131,7 +131,7 @@ class CohortRun:
         from dbbatch.models.packed_lora import packable_problem
         from dbbatch.train.fit import device_count
 
-        cfg, unet = self.runs[0].s.train, self.b.model.unet
+        cfg, unet = self.runs[0].s.train, self.b.model.denoiser
         if device_count(cfg.devices) > 1:
             return f"packed training runs on one device, and train.devices gives {device_count(cfg.devices)}"
         names, _ = resolve_targets(adaptable_layers(unet), cfg.lora.target)
@@ -142,7 +142,7 @@ class CohortRun:
 
         model = self.b.model
         attach(model, r.s.train.lora, r.s.train.seed, r.s.id)
-        load_adapter_state(model.unet, state)
+        load_adapter_state(model.denoiser, state)
         r.publish.store_model(metrics)
         return r.finish(metrics)
 
@@ -172,7 +172,7 @@ class CohortRun:
 
         model, runs = self.b.model, self.runs
         cfg = runs[0].s.train
-        names, _ = resolve_targets(adaptable_layers(model.unet), cfg.lora.target)
+        names, _ = resolve_targets(adaptable_layers(model.denoiser), cfg.lora.target)
         prior_from_base = cfg.with_prior_preservation and runs[0].s.priors.source == "base_model"
         members, initial = [], []
         for r in runs:
@@ -186,24 +186,26 @@ class CohortRun:
                                   {**model.encode([r.s.instance_prompt]), **added},
                                   {**model.encode([r.s.class_prompt]), **added} if with_class else None))
             attach(model, r.s.train.lora, r.s.train.seed, r.s.id)  # slot k starts as subject k's own fresh adapter
-            initial.append({k: v.detach().cpu() for k, v in adapter_state(model.unet).items()})
+            initial.append({k: v.detach().cpu() for k, v in adapter_state(model.denoiser).items()})
             detach(model)
         model.freeze()
-        per_subject = attach_packed(model.unet, initial, names, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
-        model.unet.train()
+        per_subject = attach_packed(model.denoiser, initial, names, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
+        model.denoiser.train()
         if cfg.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
+            model.denoiser.enable_gradient_checkpointing()
         try:
             fingerprints = {r.s.id: r.fingerprint() for r in runs}
             meta = {"base_model": model.identity, "cohort": self.id, "members": self.ids, "fingerprints": fingerprints,
                     "train": cfg.model_dump(mode="json")}
-            module = CohortModule(model.unet, members, cfg, model.scheduler_config, model.vae.config.scaling_factor,
+            settings = model.family.settings_of(runs[0].s)  # the same in every member (config/packing.py's shape)
+            module = CohortModule(model.denoiser, members, cfg, model.scheduler_config, model.vae.config.scaling_factor,
                                   meta, prior_from_base=prior_from_base, family=model.family)
             loader = make_cohort_loader(CohortData(members, cfg.batch_size, module.noise_scheduler,
-                                                   model.vae.config.scaling_factor, model.family), cfg.max_steps)
-            scorers = [r.evaluate.scorer(r.instance_images, weights=lambda k=k: slot_state(model.unet, k),
-                                         active=lambda k=k: bool(module.alive[k]), current=lambda k=k: only_slot(model.unet, k),
-                                         base=lambda: packed_off(model.unet)) for k, r in enumerate(runs)]
+                                                   model.vae.config.scaling_factor, model.family,
+                                                   model.latent_shift, settings), cfg.max_steps)
+            scorers = [r.evaluate.scorer(r.instance_images, weights=lambda k=k: slot_state(model.denoiser, k),
+                                         active=lambda k=k: bool(module.alive[k]), current=lambda k=k: only_slot(model.denoiser, k),
+                                         base=lambda: packed_off(model.denoiser)) for k, r in enumerate(runs)]
             scoring = [s for s in scorers if s is not None]
             self.check_leases("choosing a checkpoint")
             resume = self.pick_resume(fingerprints, cfg.max_steps)
@@ -233,7 +235,7 @@ class CohortRun:
                     continue
                 losses = module.member_losses[k]
                 evaluated, best = scorers[k].published(result.steps) if scorers[k] is not None else ({}, None)
-                state = best if best is not None else slot_state(model.unet, k)
+                state = best if best is not None else slot_state(model.denoiser, k)
                 out.append((state, {**evaluated,
                     "steps": result.steps, "final_loss": losses[-1] if losses else None,
                     "mean_loss": sum(losses) / len(losses) if losses else None, "loss_curve": losses,
@@ -247,8 +249,8 @@ class CohortRun:
             return out
         finally:
             if cfg.gradient_checkpointing:
-                model.unet.disable_gradient_checkpointing()
-            detach_packed(model.unet)
+                model.denoiser.disable_gradient_checkpointing()
+            detach_packed(model.denoiser)
 
     def pick_resume(self, fingerprints: dict[str, dict[str, Any]], max_steps: int) -> Optional[tuple[Path, int]]:
         """(local checkpoint, step) to resume, or None. The checkpoint comes from this cohort's folder or from the

@@ -52,13 +52,18 @@ def _read_config(kind: str, where: str, rel: str, storage: Any, check_remote: bo
     return None
 
 
-def model_geometry(base_model: str, base_dir: Optional[Path], storage: Any, check_remote: bool) -> Optional[tuple[int, int]]:
-    """(VAE scale factor, native resolution) from the model's config files, or None when unknown here."""
+def model_geometry(base_model: str, base_dir: Optional[Path], storage: Any, check_remote: bool,
+                   family: Any = None) -> Optional[tuple[int, int, int]]:
+    """(VAE scale factor, native resolution, latent patch side) from the model's config files (`family`: its
+    family, when known), or None when unknown here."""
     from dbbatch.models.assets import PRETRAINED
     from dbbatch.models.base import vae_scale_factor
     from dbbatch.models.builtin import ARCHS
     from dbbatch.models.loading import resolve_source
 
+    from dbbatch.models import families
+
+    family = family or families.by_name("sd")
     kind, where = resolve_source(base_model, base_dir)
     if kind == "builtin" and where in PRETRAINED:
         kind, where = "local", str(PRETRAINED[where])  # its configs are package data
@@ -66,17 +71,16 @@ def model_geometry(base_model: str, base_dir: Optional[Path], storage: Any, chec
         arch = ARCHS.get(where)
         if arch is None:
             return None
-        vae, unet = arch["vae"], arch["unet"]
+        vae, denoiser = arch["vae"], arch[family.denoiser]
     else:
         try:
             vae = _read_config(kind, where, "vae/config.json", storage, check_remote)
-            unet = _read_config(kind, where, "unet/config.json", storage, check_remote)
+            denoiser = _read_config(kind, where, f"{family.denoiser}/config.json", storage, check_remote)
         except (OSError, ValueError, DbbatchError):
             return None  # load_tokenizer/check_folder report an unusable folder
-        if not vae or not unet or "block_out_channels" not in vae:
+        if not vae or not denoiser or "block_out_channels" not in vae:
             return None
-    factor = vae_scale_factor(vae)
-    return factor, int(unet.get("sample_size", 64)) * factor
+    return vae_scale_factor(vae), family.native_resolution(denoiser, vae), family.latent_patch
 
 
 def load_tokenizer(base_model: str, base_dir: Optional[Path], storage: Any, check_remote: bool) -> Optional[Any]:
@@ -147,52 +151,75 @@ def model_family(base_model: str, base_dir: Optional[Path], storage: Any, check_
     return families.of_index(index, base_model) if index is not None else None
 
 
-def family_problems(manifest: Manifest, family: Any) -> list[str]:
-    """Family sections (`sdxl:`) set in `defaults` or a subject that the base model's family does not read."""
+def family_problems(manifest: Manifest, family: Any, denoiser: Optional[dict[str, Any]] = None) -> list[str]:
+    """Family sections (`sdxl:`) set in `defaults` or a subject that the base model's family does not read; a
+    training method the family refuses (`Family.full_fine_tune`); and the family's own checks of its section
+    against the denoiser's config (`Family.setting_problems`; `denoiser` None: not reachable here)."""
     from dbbatch.models import families
 
     problems = families.inapplicable(family, manifest.defaults, "defaults.", manifest.base_model)
     for i, entry in enumerate(manifest.subjects):
         problems += families.inapplicable(family, entry, f"{where_of(manifest, i)}.", manifest.base_model)
-    return problems
+    for s in resolve_subjects(manifest, None):
+        entry = manifest.subjects[s.index]
+        if family.full_fine_tune and s.train.method == "full":
+            where = (f"{where_of(manifest, s.index)}.train.method" if "method" in entry.train.model_fields_set
+                     else "defaults.train.method")
+            problems.append(f"{where}: full fine-tuning is refused for {family.title} ({manifest.base_model}): "
+                            f"{family.full_fine_tune}")
+        if denoiser is not None:
+            own = getattr(entry, family.section, None) if family.section else None
+            prefix = where_of(manifest, s.index) if own is not None else "defaults"
+            problems += family.setting_problems(family.settings_of(s), f"{prefix}.{family.section}", denoiser,
+                                                manifest.base_model)
+    return list(dict.fromkeys(problems))
 
 
-def unet_layers(base_model: str, base_dir: Optional[Path], storage: Any, check_remote: bool) -> Optional[list[str]]:
-    """The names of the UNet's Linear/Conv2d layers, from its config alone (built on the meta device: no
-    weights), or None when the config is not reachable here."""
+def denoiser_config(base_model: str, base_dir: Optional[Path], storage: Any, check_remote: bool,
+                    family: Any) -> Optional[dict[str, Any]]:
+    """The denoiser's config (`unet/config.json`, `transformer/config.json`), or None when not reachable here."""
     from dbbatch.models.assets import PRETRAINED
     from dbbatch.models.builtin import ARCHS
     from dbbatch.models.loading import resolve_source
-    from dbbatch.models.lora import adaptable_layers
 
     kind, where = resolve_source(base_model, base_dir)
     if kind == "builtin" and where in PRETRAINED:
         kind, where = "local", str(PRETRAINED[where])
     if kind == "builtin":
-        config = ARCHS[where]["unet"] if where in ARCHS else None
-    else:
-        try:
-            config = _read_config(kind, where, "unet/config.json", storage, check_remote)
-        except (DbbatchError, ValueError):
-            return None  # reported by the model checks
+        return dict(ARCHS[where][family.denoiser]) if where in ARCHS else None
+    try:
+        return _read_config(kind, where, f"{family.denoiser}/config.json", storage, check_remote)
+    except (DbbatchError, ValueError):
+        return None  # reported by the model checks
+
+
+def denoiser_layers(base_model: str, base_dir: Optional[Path], storage: Any, check_remote: bool,
+                    family: Any = None) -> Optional[list[str]]:
+    """The names of the denoiser's Linear/Conv2d layers, from its config alone (built on the meta device: no
+    weights), or None when the config is not reachable here."""
+    from dbbatch.models import families
+    from dbbatch.models.lora import adaptable_layers
+
+    family = family or families.by_name("sd")
+    config = denoiser_config(base_model, base_dir, storage, check_remote, family)
     if config is None:
         return None
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
 
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(config)
-    return adaptable_layers(unet)
+        denoiser = family.denoiser_from_config(config)
+    return adaptable_layers(denoiser)
 
 
-def lora_target_problems(manifest: Manifest, base_dir: Optional[Path], storage: Any, check_remote: bool) -> list[str]:
-    """`train.lora.target` patterns that match no layer of the base model's UNet, named where they were set."""
+def lora_target_problems(manifest: Manifest, base_dir: Optional[Path], storage: Any, check_remote: bool,
+                         family: Any = None) -> list[str]:
+    """`train.lora.target` patterns that match no layer of the base model's denoiser, named where they were set."""
     from dbbatch.models.lora import target_problem
 
     subjects = [s for s in resolve_subjects(manifest, None) if s.train.method == "lora"]
     if not subjects:
         return []
-    layers = unet_layers(manifest.base_model, base_dir, storage, check_remote)
+    layers = denoiser_layers(manifest.base_model, base_dir, storage, check_remote, family)
     if layers is None:
         return []
     problems = {}

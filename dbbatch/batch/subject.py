@@ -57,8 +57,9 @@ class SubjectRun(SubjectContext):
         res = self.s.resolution or model.native_resolution
         from dbbatch.batch.validation import resolution_step
 
-        if res % resolution_step(model.vae_scale_factor):
-            raise InputError(f"subject {self.s.id}: resolution {res} is not a multiple of {resolution_step(model.vae_scale_factor)} "
+        step = resolution_step(model.vae_scale_factor, model.family.latent_patch)
+        if res % step:
+            raise InputError(f"subject {self.s.id}: resolution {res} is not a multiple of {step} "
                              f"(diffusers renders multiples of 8; the model's VAE scale factor is {model.vae_scale_factor})")
         self.resolution = res
         from dbbatch.models.families import inapplicable

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from dbbatch.batch.model_checks import (
     _model_problem,
+    denoiser_config,
     evaluation_model_problems,
     family_problems,
     load_tokenizer,
@@ -44,16 +45,17 @@ class Findings:
     warnings: list[str] = field(default_factory=list)
 
 
-def resolution_step(factor: int) -> int:
+def resolution_step(factor: int, patch: int = 1) -> int:
     """What a resolution must be a multiple of: latents of whole pixels (the VAE's scale factor: 8 for Stable
-    Diffusion, 2 for builtin:tiny-sd), rendered by diffusers' pipelines (multiples of 8)."""
-    return math.lcm(factor, 8)
+    Diffusion, 2 for builtin:tiny-sd) in whole patches (FLUX.1 packs 2x2: 16), rendered by diffusers' pipelines
+    (multiples of 8)."""
+    return math.lcm(factor * patch, 8)
 
 
-def resolution_problems(manifest: Manifest, factor: int, native: int) -> list[str]:
+def resolution_problems(manifest: Manifest, factor: int, native: int, patch: int = 1) -> list[str]:
     """Resolutions that are not a multiple of `resolution_step`, reported where the value is set."""
     problems: list[str] = []
-    step = resolution_step(factor)
+    step = resolution_step(factor, patch)
     for i, s in enumerate(manifest.subjects):
         where = f"{where_of(manifest, i)}.resolution" if s.resolution is not None else "defaults.resolution"
         res = s.resolution if s.resolution is not None else manifest.defaults.resolution
@@ -61,8 +63,9 @@ def resolution_problems(manifest: Manifest, factor: int, native: int) -> list[st
             continue
         lower, upper = res - res % step, res - res % step + step
         options = f"{lower} or {upper}" if lower > 0 else f"{upper}"
+        patches = f", in {patch}x{patch} latent patches" if patch > 1 else ""
         line = (f"{where}: {res} is not a multiple of {step} (diffusers renders multiples of 8, and the VAE scale "
-                f"factor of {manifest.base_model} is {factor}; native size {native}); use {options}")
+                f"factor of {manifest.base_model} is {factor}{patches}; native size {native}); use {options}")
         if line not in problems:
             problems.append(line)
     return problems
@@ -140,11 +143,12 @@ def check_manifest(manifest: Manifest, base_dir: Optional[Path], storage: Any, c
         found.problems.append(_model_problem(e, manifest.base_model))
         family = None
     if family is not None:
-        found.problems += family_problems(manifest, family)
-    geometry = model_geometry(manifest.base_model, base_dir, storage, check_remote)
+        denoiser = denoiser_config(manifest.base_model, base_dir, storage, check_remote, family)
+        found.problems += family_problems(manifest, family, denoiser)
+    geometry = model_geometry(manifest.base_model, base_dir, storage, check_remote, family)
     if geometry is not None:
         found.problems += resolution_problems(manifest, *geometry)
-    found.problems += lora_target_problems(manifest, base_dir, storage, check_remote)
+    found.problems += lora_target_problems(manifest, base_dir, storage, check_remote, family)
     found.warnings += packing_warnings(manifest)
     found.problems += evaluation_model_problems(manifest, base_dir, storage, check_remote)
     found.problems += missing_extras(manifest.tracking)

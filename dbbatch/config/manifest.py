@@ -18,6 +18,7 @@ from dbbatch.config.settings import (
     EvaluationConfig,
     PriorConfig,
     SampleConfig,
+    FluxSettings,
     SdxlSettings,
     Strict,
     SubjectSettings,
@@ -110,13 +111,17 @@ class Manifest(Strict):
     """A batch of DreamBooth subjects trained from one base model."""
 
     version: Literal[1] = 1
-    base_model: str = Field("builtin:tiny-sd", description="builtin:tiny-sd, builtin:small-sd, builtin:tiny-sdxl, builtin:toy-sd, a diffusers folder of a supported family (StableDiffusionPipeline, StableDiffusionXLPipeline; local or fsspec URL) or a hub id.")
+    base_model: str = Field("builtin:tiny-sd", description="builtin:tiny-sd, builtin:small-sd, builtin:tiny-sdxl, builtin:tiny-flux, builtin:toy-sd, a diffusers folder of a supported family (StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline; local or fsspec URL) or a hub id.")
     output: str = Field(description="Where results go: a local path or fsspec URL.")
     prior_cache: Optional[str] = Field(None, description="Class-prior cache shared across runs (default <output>/_priors).")
     storage_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-protocol fsspec options, e.g. s3: {endpoint_url: ...}. No secrets here."
     )
     output_dtype: Literal["fp32", "fp16"] = Field("fp32", description="Precision of the saved model weights.")
+    base_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Precision the frozen base model is held in (every component): bf16 halves its memory, "
+        "what FLUX.1-dev on one 80 GB card and SDXL on 24 GB need. LoRA only: the adapters train in float32 beside it; "
+        "full fine-tuning needs fp32. Part of the base model's identity (priors cache, checkpoints).")
     model_format: Optional[Literal["full", "delta", "lora"]] = Field(
         None, description="full: self-contained diffusers folder (with method lora: the adapters merged in, written "
         "beside lora/); delta: changed components + base reference (method full); lora: only the adapters in lora/ "
@@ -154,6 +159,7 @@ class Subject(BaseModel):
     samples: SampleConfig
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     sdxl: Optional[SdxlSettings] = None  # the SDXL section, when defaults or the subject set one
+    flux: Optional[FluxSettings] = None  # the FLUX.1 section, likewise
     model_format: str = "full"  # the manifest's model_format, resolved for this subject's train.method
     # Where each tracked setting's value came from: subjects[i], defaults, the base model's file, or dbbatch.
     settings_from: dict[str, str] = Field(default_factory=dict)

@@ -88,7 +88,7 @@ def _describe(err: dict[str, Any], root: type[BaseModel]) -> str:
         keys = list(model.model_fields) if model is not None else []
         hint = did_you_mean(str(loc[-1]), keys)
         if not hint and keys:
-            hint = f"; allowed here: {', '.join(keys)}" if len(keys) <= 13 else "; `dbbatch schema` lists the allowed keys"
+            hint = f"; allowed here: {', '.join(keys)}" if len(keys) <= 14 else "; `dbbatch schema` lists the allowed keys"
         return f"unknown key{hint}"
     if kind == "missing":
         model = _model_at(root, loc)

@@ -19,6 +19,9 @@ from typing import Any, Iterable, Optional
 # train settings that may differ inside a cohort: each subject's own seed; and two that a frozen text encoder
 # never uses
 PER_SUBJECT = ("seed", "text_encoder_learning_rate", "train_text_encoder")
+# family sections whose keys change how a step trains (FLUX.1's timestep draw and training guidance); SDXL's
+# sizes are conditioning each member carries in its own rows, so they may differ inside a cohort
+SHAPE_SECTIONS = ("flux",)
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,12 @@ def alone_reason(subject: Any) -> Optional[str]:
 def training_shape(subject: Any) -> dict[str, Any]:
     """What must agree for subjects to train in one step."""
     train = {k: v for k, v in subject.train.model_dump(mode="json").items() if k not in PER_SUBJECT}
-    return {"train": train, "resolution": subject.resolution,
-            "priors.source": subject.priors.source if subject.train.with_prior_preservation else None}
+    shape = {"train": train, "resolution": subject.resolution,
+             "priors.source": subject.priors.source if subject.train.with_prior_preservation else None}
+    for name in SHAPE_SECTIONS:
+        if getattr(subject, name, None) is not None:
+            shape[name] = getattr(subject, name).model_dump(mode="json")
+    return shape
 
 
 def _key(subject: Any) -> str:

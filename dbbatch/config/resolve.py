@@ -15,11 +15,11 @@ from dbbatch.config.manifest import Manifest, Subject, format_prompt, source_of,
 from dbbatch.config.manifest_errors import problems_from
 from dbbatch.config.settings import (
     DEFAULT_LEARNING_RATES,
+    FAMILY_SECTIONS,
     SECTIONS,
     EvaluationConfig,
     PriorConfig,
     SampleConfig,
-    SdxlSettings,
     SubjectSettings,
     TrainConfig,
     set_paths,
@@ -60,6 +60,10 @@ def merged_checks(m: Manifest) -> list[str]:
         if t.method == "lora" and fmt == "delta":
             problems.append(f"model_format: delta stores fine-tuned components, but {where} ({subject.id}) trains LoRA "
                             "adapters; use model_format lora (the adapters) or full (merged into a full pipeline)")
+        if t.method == "full" and m.base_dtype != "fp32":
+            problems.append(f"base_dtype: {m.base_dtype} holds the base weights in {m.base_dtype}, but {where} "
+                            f"({subject.id}) fine-tunes them (method full), which needs fp32; set train.method: lora or "
+                            "base_dtype fp32")
         if t.method == "full" and fmt == "lora":
             problems.append(f"model_format: lora stores LoRA adapters, but {where} ({subject.id}) trains with "
                             "method full; set train.method: lora or model_format full (or delta)")
@@ -152,8 +156,9 @@ def apply_model_defaults(m: Manifest, carried: dict[str, Any], origin: str) -> M
     for name, cls in SECTIONS.items():
         merged = {**getattr(model, name).model_dump(exclude_unset=True), **getattr(d, name).model_dump(exclude_unset=True)}
         filled[name] = cls(**merged)
-    if d.sdxl is not None or model.sdxl is not None:
-        filled["sdxl"] = SdxlSettings(**_merge(SdxlSettings(), *[x.sdxl for x in (model, d) if x.sdxl is not None]))
+    for name, cls in FAMILY_SECTIONS.items():
+        if getattr(d, name) is not None or getattr(model, name) is not None:
+            filled[name] = cls(**_merge(cls(), *[getattr(x, name) for x in (model, d) if getattr(x, name) is not None]))
     out = m.model_copy(update={"defaults": SubjectSettings(**filled)})
     out._carried = {path: origin for path in set_paths(model) - set_paths(d)}
     if "train.learning_rate" not in set_paths(d):
@@ -224,8 +229,9 @@ def resolve_subjects(m: Manifest, base_dir: Optional[Path]) -> list[Subject]:
                 priors=PriorConfig(**_merge(PriorConfig(), d.priors, s.priors)),
                 samples=SampleConfig(**_merge(SampleConfig(), d.samples, s.samples)),
                 evaluation=EvaluationConfig(**_merge(EvaluationConfig(), d.evaluation, s.evaluation)),
-                sdxl=SdxlSettings(**_merge(SdxlSettings(), *[x.sdxl for x in (d, s) if x.sdxl is not None]))
-                if d.sdxl is not None or s.sdxl is not None else None,
+                **{name: cls(**_merge(cls(), *[getattr(x, name) for x in (d, s) if getattr(x, name) is not None]))
+                   if getattr(d, name) is not None or getattr(s, name) is not None else None
+                   for name, cls in FAMILY_SECTIONS.items()},
                 instance_template=flat["instance_prompt"],
                 model_format=m.model_format or ("lora" if _method(m, i) == "lora" else "full"),
                 settings_from=settings_sources(m, i),

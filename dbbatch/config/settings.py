@@ -240,6 +240,27 @@ class SdxlSettings(Strict):
         return v
 
 
+class FluxSettings(Strict):
+    """FLUX.1's own keys (`base_model` of family FLUX.1 only; refused for SD and SDXL models)."""
+
+    train_guidance: float = Field(
+        1.0, ge=0.0, le=100.0, description="FLUX.1-dev is guidance-distilled: the guidance value its transformer is given "
+        "in every training step (1.0, as hosted Flux LoRA trainers train; diffusers' script uses 3.5). Refused for a "
+        "model without a guidance embedding (FLUX.1-schnell). Rendering uses samples/priors.guidance_scale.")
+    weighting_scheme: Literal["none", "logit_normal", "mode"] = Field(
+        "none", description="How training timesteps are drawn (diffusers' compute_density_for_timestep_sampling): none "
+        "(uniform, diffusers' default), logit_normal (logit_mean, logit_std; SD3's choice), mode (mode_scale).")
+    logit_mean: float = Field(0.0, ge=-10.0, le=10.0, description="Mean of the logit-normal timestep density.")
+    logit_std: float = Field(1.0, gt=0.0, le=10.0, description="Standard deviation of the logit-normal timestep density.")
+    mode_scale: float = Field(1.29, ge=0.0, le=1.5, description="Scale of the mode timestep density (1.29 as in SD3).")
+    timestep_shift: float = Field(
+        1.0, gt=0.0, le=100.0, description="Shift of the drawn sigmas, sigma' = s*sigma / (1 + (s-1)*sigma), toward "
+        "noisier steps above 1 (some Flux trainers use 3); 1: none, as diffusers' script.")
+    true_cfg_scale: float = Field(
+        1.0, ge=1.0, le=30.0, description="Real classifier-free guidance for samples, priors and evaluation renders with "
+        "samples.negative_prompt (FluxPipeline's true_cfg_scale; 1: off, one forward per step and no negative prompt).")
+
+
 class SubjectSettings(Strict):
     """Keys that `defaults:` sets for every subject and each subject may override."""
 
@@ -253,6 +274,8 @@ class SubjectSettings(Strict):
                                          "checkpoint, flags (off unless evaluation.clip or evaluation.dino is set).")
     sdxl: Optional[SdxlSettings] = Field(None, description="Stable Diffusion XL keys (micro-conditioning sizes, the "
                                          "second text encoder); only for an SDXL base_model.")
+    flux: Optional[FluxSettings] = Field(None, description="FLUX.1 keys (training guidance, timestep sampling, true "
+                                         "CFG); only for a FLUX.1 base_model.")
 
 
 def setting_paths() -> list[str]:
@@ -271,6 +294,7 @@ def setting_paths() -> list[str]:
     return walk(SubjectSettings, "")
 
 
+FAMILY_SECTIONS: dict[str, type[BaseModel]] = {"sdxl": SdxlSettings, "flux": FluxSettings}
 SECTIONS = {"train": TrainConfig, "priors": PriorConfig, "samples": SampleConfig, "evaluation": EvaluationConfig}
 
 

@@ -25,9 +25,14 @@ WEIGHT_SUMS = "SHA256SUMS"  # beside the shipped weights: `sha256sum -c` format,
 
 
 def load_shipped_tokenizer(name: str = "tokenizer") -> Any:
-    """The CLIP tokenizer shipped with dbbatch ("tokenizer"), or SDXL's second one ("tokenizer_2")."""
+    """The CLIP tokenizer shipped with dbbatch ("tokenizer"), SDXL's second one ("tokenizer_2"), or the T5
+    tokenizer of the FLUX.1-shaped built-ins ("tokenizer_t5", made by scripts/make_t5_tokenizer.py)."""
     from transformers import CLIPTokenizer
 
+    if name == "tokenizer_t5":
+        from transformers import T5TokenizerFast
+
+        return T5TokenizerFast.from_pretrained(str(ASSETS_DIR / "tokenizer_t5"))
     if name == "tokenizer":
         return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
     special = json.loads((TOKENIZER_2_DIR / "special_tokens_map.json").read_text())

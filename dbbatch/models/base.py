@@ -11,18 +11,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-def vae_scale_factor(vae_config: Any) -> int:
-    """Pixels per latent pixel: the VAE halves the size in every block but the last (as diffusers computes it).
-    Takes the config (a dict from vae/config.json, or a loaded VAE's config): no weights needed."""
-    channels = vae_config["block_out_channels"] if isinstance(vae_config, dict) else vae_config.block_out_channels
-    return 2 ** (len(channels) - 1)
+from dbbatch.models.families.base import vae_scale_factor
+
+__all__ = ["BaseModel", "vae_scale_factor"]
 
 
 @dataclass
 class BaseModel:
     """A loaded base model of a family, split into the parts DreamBooth treats differently."""
 
-    unet: Any
+    denoiser: Any  # the family's denoiser (`family.denoiser` names its component: "unet", "transformer")
     vae: Any
     text_encoder: Any
     tokenizer: Any
@@ -42,6 +40,13 @@ class BaseModel:
 
             self.family = families.by_name("sd")
 
+    def __getattr__(self, name: str) -> Any:
+        """The denoiser under its component name too (`model.unet`, `model.transformer`), as the pipeline names it."""
+        family = self.__dict__.get("family")
+        if family is not None and name == family.denoiser:
+            return self.__dict__["denoiser"]
+        raise AttributeError(name)
+
     @property
     def text_encoders(self) -> list[Any]:
         """The family's text encoders, in the order its conditioning uses them."""
@@ -53,18 +58,18 @@ class BaseModel:
 
     @property
     def trainable_parts(self) -> tuple[str, ...]:
-        """The components a full fine-tune may change: the UNet and the text encoders."""
-        return ("unet", *self.family.text_encoders)
+        """The components a full fine-tune may change: the denoiser and the text encoders."""
+        return (self.family.denoiser, *self.family.text_encoders)
 
     def parts(self) -> dict[str, Any]:
         """Every component by its diffusers name (for the family's pipeline), the scheduler excepted."""
-        return {name: getattr(self, name) for name in ("unet", "vae", *self.family.text_encoders, *self.family.tokenizers)}
+        return {name: getattr(self, name) for name in (self.family.denoiser, "vae", *self.family.text_encoders,
+                                                       *self.family.tokenizers)}
 
     def pipeline(self, **replaced: Any) -> Any:
-        """The family's diffusers pipeline over these very modules (with `replaced` ones), DDIM sampling."""
-        from diffusers import DDIMScheduler
-
-        return self.family.pipeline({**self.parts(), **replaced}, DDIMScheduler.from_config(self.scheduler_config))
+        """The family's diffusers pipeline over these very modules (with `replaced` ones), with the family's
+        sampling scheduler (DDIM for the UNet families)."""
+        return self.family.pipeline({**self.parts(), **replaced}, self.family.sampling_scheduler(self.scheduler_config))
 
     def encode(self, prompts: list[str], device: Any = None) -> dict[str, Any]:
         """Prompts -> their conditioning (no gradients), on the CPU unless `device`."""
@@ -80,13 +85,14 @@ class BaseModel:
 
     @property
     def native_resolution(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        return self.family.native_resolution(self.denoiser.config, self.vae.config)
 
     @property
-    def prediction_type(self) -> str:
-        return self.scheduler_config.get("prediction_type", "epsilon")
+    def latent_shift(self) -> float:
+        """What the VAE's latents are shifted by before scaling (FLUX.1's VAE: 0.1159; SD's: none)."""
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
-    def snapshot(self, names: tuple[str, ...] = ("unet",)) -> None:
+    def snapshot(self, names: tuple[str, ...]) -> None:
         """Keep an in-memory (CPU) copy of the components `names` that full fine-tuning is about to change, to
         restore between subjects. Each is copied before the first subject that changes it (a LoRA-only batch
         never needs one; SDXL's second text encoder, 2.8 GB, only when it trains); marks the weights as about
@@ -105,11 +111,21 @@ class BaseModel:
         self._changed = False
 
     def to(self, device: Any) -> "BaseModel":
-        for module in (self.unet, self.vae, *self.text_encoders):
+        for module in (self.denoiser, self.vae, *self.text_encoders):
             module.to(device)
         return self
 
+    def hold_in(self, dtype_name: str) -> None:
+        """Hold every component in `dtype_name` ("bf16", "fp16"; manifest `base_dtype`) from now on; the identity
+        says so, so priors and checkpoints made at another precision are not mixed in."""
+        import torch
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+        for module in (self.denoiser, self.vae, *self.text_encoders):
+            module.to(dtype)
+        self.identity = f"{self.identity}:{dtype_name}"
+
     def freeze(self) -> None:
-        for module in (self.vae, *self.text_encoders, self.unet):
+        for module in (self.vae, *self.text_encoders, self.denoiser):
             module.requires_grad_(False)
             module.eval()

@@ -17,6 +17,15 @@ SCHEDULER_CONFIG = {
     "prediction_type": "epsilon",
 }
 
+# FLUX.1-dev's flow-matching scheduler (schnell's: shift 1, no dynamic shifting).
+FLUX_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+    "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+FLUX_SCHNELL_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                                 "shift": 1.0, "use_dynamic_shifting": False}
+
 # Built-in architectures (random weights, fixed seed), each of a family (dbbatch/models/families/). tiny-sd: CI-sized,
 # native 64 px. small-sd: about 10x the parameters, native 128 px, still CPU-friendly. sd15: the full SD 1.5
 # shapes, for GPU benchmarks. tiny-sdxl: SDXL-shaped (two text encoders, the second with a projection, the
@@ -24,6 +33,23 @@ SCHEDULER_CONFIG = {
 _TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5, projection_dim=32)
 _TINY_VAE = dict(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+# FLUX.1's VAE: 16 latent channels without quant convs, latents shifted then scaled; tiny-flux's has 4 (16 packed
+# channels) and the same 8x scale factor, so resolutions are multiples of 16 as for the real model.
+_FLUX_VAE = dict(in_channels=3, out_channels=3, use_quant_conv=False, use_post_quant_conv=False,
+                 shift_factor=0.1159, scaling_factor=0.3611)
+_TINY_FLUX = {
+    "family": "flux",
+    # as diffusers' own Flux tests: one double and one single block, 2 heads of 16, rope axes [4, 4, 8]
+    "transformer": dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                        axes_dims_rope=(4, 4, 8)),
+    "vae": dict(_FLUX_VAE, block_out_channels=(16, 16, 16, 16), norm_num_groups=8, layers_per_block=1, latent_channels=4,
+                sample_size=64, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+    "text_encoder": _TINY_CLIP,
+    "text_encoder_2": dict(d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                           feed_forward_proj="gated-gelu"),
+    "scheduler": FLUX_SCHEDULER_CONFIG,
+}
 ARCHS: dict[str, dict[str, Any]] = {
     "tiny-sd": {
         "family": "sd",
@@ -88,6 +114,25 @@ ARCHS: dict[str, dict[str, Any]] = {
         "text_encoder_2": dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
                                projection_dim=1280, hidden_act="gelu"),
     },
+    # FLUX.1-shaped, CI-sized: guidance-distilled like FLUX.1-dev, native 64 px; and its schnell twin (no guidance
+    # embedding, schnell's scheduler)
+    "tiny-flux": _TINY_FLUX,
+    "tiny-flux-schnell": {**_TINY_FLUX, "transformer": {**_TINY_FLUX["transformer"], "guidance_embeds": False},
+                          "scheduler": FLUX_SCHNELL_SCHEDULER_CONFIG},
+    # FLUX.1-dev: the 12B transformer (19 double, 38 single blocks), CLIP ViT-L, T5 v1.1 XXL, 1024 px (GPU benchmarks)
+    "flux": {
+        "family": "flux",
+        "transformer": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                            guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+        "vae": dict(_FLUX_VAE, block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+                    sample_size=1024, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                             projection_dim=768, hidden_act="quick_gelu"),
+        "text_encoder_2": dict(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
+                               relative_attention_num_buckets=32, feed_forward_proj="gated-gelu"),
+        "scheduler": FLUX_SCHEDULER_CONFIG,
+    },
 }
 
 
@@ -114,8 +159,6 @@ def unknown_builtin(name: str) -> ModelError:
 def build_builtin(name: str, torch_dtype: Any = None) -> dict[str, Any]:
     """Components of a built-in architecture with weights from a fixed seed (in memory, nothing on disk), plus
     its `family`."""
-    from diffusers import DDIMScheduler
-
     from dbbatch.models import families
 
     if name not in ARCHS:
@@ -123,8 +166,8 @@ def build_builtin(name: str, torch_dtype: Any = None) -> dict[str, Any]:
     arch = ARCHS[name]
     family = families.by_name(arch["family"])
     comps = family.build(arch, BUILTIN_SEED)
-    comps.update(scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG), family=family)
+    comps.update(scheduler=family.sampling_scheduler(arch.get("scheduler", SCHEDULER_CONFIG)), family=family)
     if torch_dtype is not None:
-        for k in ("unet", "vae", *family.text_encoders):
+        for k in (family.denoiser, "vae", *family.text_encoders):
             comps[k].to(torch_dtype)
     return comps

@@ -50,7 +50,7 @@ def save_folder(comps: dict[str, Any], out_dir: Path, dtype: Any = None) -> Path
     pipe = family.pipeline(comps, comps["scheduler"])
 
     def write(tmp: Path) -> None:
-        with cast_for_saving([comps[name] for name in ("unet", "vae", *family.text_encoders)], dtype):
+        with cast_for_saving([comps[name] for name in (family.denoiser, "vae", *family.text_encoders)], dtype):
             pipe.save_pretrained(tmp, safe_serialization=True)
 
     return _write_model_folder(out_dir, write)
@@ -157,6 +157,7 @@ def load_folder(folder: Path, source: str, identity: Optional[str] = None) -> Ba
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise ModelError(f"base_model {source!r}: cannot load the diffusers folder: {str(e).splitlines()[0][:200]}") from None
+    comps["denoiser"] = comps.pop(family.denoiser)
     model = BaseModel(**comps, scheduler_config=dict(scheduler_config), identity=identity or fingerprint(folder),
                       source=source, folder=folder, family=family)
     model.freeze()
@@ -269,9 +270,9 @@ DELTA_FILE = "dbbatch_delta.json"
 
 
 def save_delta(model: BaseModel, out_dir: Path, text_encoders: tuple[str, ...], dtype: Any = None) -> Path:
-    """Only the components fine-tuning changed (the UNet and the trained `text_encoders`), plus a reference to
+    """Only the components fine-tuning changed (the denoiser and the trained `text_encoders`), plus a reference to
     the base model (`model_format: delta`). Load with `dbbatch.models.loading.load_pipeline(folder)`."""
-    names = ["unet", *text_encoders]
+    names = [model.family.denoiser, *text_encoders]
 
     def write(tmp: Path) -> None:
         for name in names:

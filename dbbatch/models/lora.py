@@ -16,9 +16,15 @@ from typing import Any, Iterable, Iterator, Optional, Union
 from dbbatch.core.errors import InputError
 
 ADAPTER = "default"
+# A preset names layers by their tails; a denoiser lacks some (the UNets have no joint-attention context
+# projections): those are skipped. FLUX.1's double blocks attend jointly over image and text: the context
+# stream's projections (add_q_proj, add_k_proj, add_v_proj, to_add_out) are attention too, as diffusers' Flux
+# trainer targets them; its single blocks have to_q/to_k/to_v (their output is the fused proj_out).
+_JOINT = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 PRESETS: dict[str, tuple[str, ...]] = {
-    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
-    "attention+ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
+    "attention": ("to_q", "to_k", "to_v", "to_out.0", *_JOINT),
+    "attention+ff": ("to_q", "to_k", "to_v", "to_out.0", *_JOINT, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                     "ff_context.net.2"),
 }
 ALL_LINEAR_CONV_UNDER = ("down_blocks.", "mid_block.", "up_blocks.")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -77,7 +83,7 @@ def attach(model: Any, lora: Any, seed: int, subject_id: str, text_encoders: tup
     import torch
     from peft import LoraConfig, inject_adapter_in_model
 
-    layers = adaptable_layers(model.unet)
+    layers = adaptable_layers(model.denoiser)
     names, unmatched = resolve_targets(layers, lora.target)
     if unmatched or not names:
         raise InputError(target_problem(f"subject {subject_id}: train.lora.target", layers, lora.target) or "")
@@ -90,14 +96,19 @@ def attach(model: Any, lora: Any, seed: int, subject_id: str, text_encoders: tup
     model.freeze()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model.unet.add_adapter(config(names), adapter_name=ADAPTER)
+        model.denoiser.add_adapter(config(names), adapter_name=ADAPTER)
         for name in text_encoders:
             encoder = getattr(model, name)
             te_names, _ = resolve_targets(adaptable_layers(encoder), list(TEXT_ENCODER_TARGETS))
             inject_adapter_in_model(config(te_names), encoder, adapter_name=ADAPTER)
-    modules = [model.unet] + [getattr(model, name) for name in text_encoders]
-    # adapters live where their layer does (the model is on its device already); float32 like the base weights
-    return sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
+    modules = [model.denoiser] + [getattr(model, name) for name in text_encoders]
+    # adapters live where their layer does (the model is on its device already), in float32 also beside a bf16
+    # or fp16 base (manifest base_dtype): their updates and optimizer state need it; peft casts the input
+    trainable = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in trainable:
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    return sum(p.numel() for p in trainable)
 
 
 def attached(module: Any) -> bool:
@@ -112,7 +123,7 @@ def detach(model: Any) -> bool:
     from diffusers.utils import recurse_remove_peft_layers
 
     found = False
-    for module in (model.unet, *model.text_encoders):
+    for module in (model.denoiser, *model.text_encoders):
         if attached(module):
             found = True
             recurse_remove_peft_layers(module)

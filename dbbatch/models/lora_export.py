@@ -92,16 +92,19 @@ def write_lora_folder(model: Any, subject: Any, out_dir: Path, steps: int, dtype
     def cast(state: dict[str, Any]) -> dict[str, Any]:
         return {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous() for k, v in state.items()}
 
-    unet_state = cast(adapter_state(model.unet))
+    family = model.family
+    denoiser_state = cast(adapter_state(model.denoiser))
     te_states = {name: cast(adapter_state(getattr(model, name))) for name in text_encoders_trained(model, subject)}
     te_config = _in_order(_te_config(subject))
-    # the family's pipeline class writes its own file layout (SDXL: text_encoder_2_lora_layers beside the first)
+    # the family's pipeline class writes its own file layout (SDXL: text_encoder_2_lora_layers beside the first;
+    # FLUX.1: transformer_lora_layers)
     layers = {f"{name}_lora_layers": state for name, state in te_states.items()}
     configs = {f"{name}_lora_adapter_metadata": te_config for name in te_states}
-    getattr(diffusers, model.family.pipeline_class).save_lora_weights(
-        str(out_dir), unet_lora_layers=unet_state, unet_lora_adapter_metadata=_in_order(model.unet.peft_config[ADAPTER].to_dict()),
-        weight_name=DIFFUSERS_FILE, safe_serialization=True, **layers, **configs)
-    save_file(kohya_state(unet_state, te_states, subject.train.lora.alpha, model.family.kohya_text_prefixes),
+    layers[f"{family.denoiser}_lora_layers"] = denoiser_state
+    configs[f"{family.denoiser}_lora_adapter_metadata"] = _in_order(model.denoiser.peft_config[ADAPTER].to_dict())
+    getattr(diffusers, family.pipeline_class).save_lora_weights(
+        str(out_dir), weight_name=DIFFUSERS_FILE, safe_serialization=True, **layers, **configs)
+    save_file(family.kohya_state(model.denoiser, denoiser_state, te_states, subject.train.lora.alpha),
               str(out_dir / kohya_name(subject.id)), metadata=kohya_metadata(subject, model, steps, resolution))
     return out_dir
 

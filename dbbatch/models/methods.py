@@ -36,12 +36,12 @@ def make_trainable(model: Any, subject: Any) -> Trainable:
 
         count = attach(model, train.lora, train.seed, subject.id, text)
     else:
-        model.snapshot(("unet", *text))  # the base weights, to restore once this subject is done (first time only)
-        parts = [model.unet] + [getattr(model, name) for name in text]
+        model.snapshot((model.family.denoiser, *text))  # the base weights, to restore once this subject is done (first time only)
+        parts = [model.denoiser] + [getattr(model, name) for name in text]
         for part in parts:
             part.requires_grad_(True)
         count = sum(p.numel() for part in parts for p in part.parameters())
-    model.unet.train()
+    model.denoiser.train()
     for name in text:
         getattr(model, name).train()
     return Trainable(count, text, train.method == "lora")
@@ -57,7 +57,7 @@ def reset(model: Any) -> None:
 
 
 def trained_weights(model: Any) -> dict[str, Any]:
-    """A host-memory copy of every trainable parameter of `model` ("unet.<name>", "text_encoder.<name>", ...):
+    """A host-memory copy of every trainable parameter of `model` ("unet.<name>" or "transformer.<name>", "text_encoder.<name>", ...):
     the weights of one step, for evaluation.keep: best."""
     return {f"{part}.{name}": p.detach().cpu().clone() for part in model.trainable_parts
             for name, p in getattr(model, part).named_parameters() if p.requires_grad}

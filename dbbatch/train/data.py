@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -51,26 +51,34 @@ class LatentPairs(Dataset):
         return item
 
 
-def draws(keys: list[int], shape: tuple[int, ...], num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def draws(keys: list[int], shape: tuple[int, ...],
+          timestep: Callable[[torch.Generator], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(latent sample, noise, timestep) per example, each from a generator seeded by the example's key, on the
-    CPU: independent of batch size, rank layout, device and of the other subjects packed beside it."""
+    CPU: independent of batch size, rank layout, device and of the other subjects packed beside it. `timestep`
+    draws one from the generator (the family's scheme: `Family.draw_timestep`)."""
     samples, noises, steps = [], [], []
     for key in keys:
         g = torch.Generator().manual_seed(key)
         samples.append(torch.randn(shape, generator=g))
         noises.append(torch.randn(shape, generator=g))
-        steps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+        steps.append(timestep(g))
     return torch.stack(samples), torch.stack(noises), torch.cat(steps)
 
 
 def noised_examples(family: Any, scheduler: Any, mean: torch.Tensor, std: torch.Tensor, keys: list[int],
-                    scaling_factor: float, device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    scaling_factor: float, device: Any, shift_factor: float = 0.0,
+                    settings: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(noisy latents, target, timesteps) of examples whose latent distributions are (mean, std), the randomness
-    of example i from keys[i] (draws); the objective is the family's (`Family.noised`)."""
-    sample, noise, timesteps = draws(keys, tuple(mean.shape[1:]), scheduler.config.num_train_timesteps)
-    latents = ((mean.cpu() + std.cpu() * sample) * scaling_factor).to(device)
+    of example i from keys[i] (draws); the latents normalised as the VAE config says ((z - shift) x scale), the
+    timesteps and objective the family's (`Family.draw_timestep`, `Family.noised`; `settings` its section)."""
+    sample, noise, timesteps = draws(keys, tuple(mean.shape[1:]),
+                                     lambda g: family.draw_timestep(g, scheduler, settings))
+    latents = mean.cpu() + std.cpu() * sample
+    if shift_factor:
+        latents = latents - shift_factor
+    latents = (latents * scaling_factor).to(device)
     noise, timesteps = noise.to(device), timesteps.to(device)
-    noisy, target = family.noised(scheduler, latents, noise, timesteps)
+    noisy, target = family.noised(scheduler, latents, noise, timesteps, settings)
     return noisy, target, timesteps
 
 

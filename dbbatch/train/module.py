@@ -62,30 +62,32 @@ class DreamBoothModule(pl.LightningModule):
     `encoders`: with token ids, every text encoder of the family in its order (those not in `trained` are
     frozen and stay out of checkpoints)."""
 
-    def __init__(self, unet: Any, trained: dict[str, Any], text: TextInputs, train: Any,
+    def __init__(self, denoiser: Any, trained: dict[str, Any], text: TextInputs, train: Any,
                  scheduler_config: dict[str, Any], scaling_factor: float, meta: dict[str, Any],
                  adapters_only: bool = False, prior_from_base: bool = False, family: Any = None,
-                 encoders: Sequence[Any] = ()):
+                 encoders: Sequence[Any] = (), shift_factor: float = 0.0, family_settings: Any = None):
         super().__init__()
         self.adapters_only, self.prior_from_base = adapters_only, prior_from_base
-        from diffusers import DDPMScheduler
-
         from dbbatch.models import families
 
         self.family = family or families.by_name("sd")
-        self.unet = unet
+        setattr(self, self.family.denoiser, denoiser)  # its component name: the checkpoint's keys ("unet.")
         self.trained_names = tuple(trained)
         for name, module in trained.items():  # registered under the component's name: checkpoint keys
             setattr(self, name, module)
         self.encoders = list(encoders)  # a plain list: frozen ones are not registered, so not in checkpoints
         self.text = text
         self.cfg = train
-        self.noise_scheduler = DDPMScheduler.from_config(scheduler_config)
-        self.prediction_type = self.noise_scheduler.config.prediction_type
-        self.scaling_factor = scaling_factor
+        self.noise_scheduler = self.family.training_scheduler(scheduler_config)
+        self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
+        self.family_settings = family_settings
         self.meta = meta
         self.losses: list[float] = []
         self.loader: Any = None  # set by fit(): its consumed position goes into checkpoints
+
+    @property
+    def denoiser(self) -> Any:
+        return getattr(self, self.family.denoiser)
 
     def _prompt(self, which: Any) -> dict[str, torch.Tensor]:
         if self.text.are_ids:
@@ -129,9 +131,9 @@ class DreamBoothModule(pl.LightningModule):
         """The frozen base model's prediction for the class prompt: the class examples' target."""
         from dbbatch.models.lora import adapters_off
 
-        with torch.no_grad(), adapters_off(self.unet, *(self.encoders if self.text.are_ids else ())):
+        with torch.no_grad(), adapters_off(self.denoiser, *(self.encoders if self.text.are_ids else ())):
             cond = self._conditioning(batch_size, True, only_class=True)
-            return self.family.predict(self.unet, noisy, timesteps, cond)
+            return self.family.predict(self.denoiser, noisy, timesteps, cond)
 
     def setup(self, stage: str) -> None:
         if self.loader is not None:  # runs in every rank: each one trains its share of the samples
@@ -158,12 +160,12 @@ class DreamBoothModule(pl.LightningModule):
         if with_class:
             keys += [k + 1 for k in keys]
         noisy, target, timesteps = noised_examples(self.family, self.noise_scheduler, mean, std, keys, self.scaling_factor,
-                                                   self.device)
+                                                   self.device, self.shift_factor, self.family_settings)
         if faults.nan_member(self.global_step) == self.meta.get("subject"):
             noisy = noisy * float("nan")
         if with_class and self.prior_from_base:
             target = torch.cat([target[:n], self._base_prediction(noisy[n:], timesteps[n:], n).to(target.dtype)])
-        pred = self.family.predict(self.unet, noisy, timesteps, self._conditioning(n, with_class))
+        pred = self.family.predict(self.denoiser, noisy, timesteps, self._conditioning(n, with_class))
         loss, inst, prior = dreambooth_loss(pred, target, n, self.cfg.prior_loss_weight)
         # Under DDP each rank's loss covers its share of the batch; the mean over ranks is the loss of the whole
         # (ranks hold equally many examples) and what DDP's averaged gradient descends. Identity in one process.
@@ -191,7 +193,7 @@ class DreamBoothModule(pl.LightningModule):
         # Free the state and gradients, and hand the modules back to their owner (the BaseModel) where they are.
         for optimizer in self.trainer.optimizers:
             optimizer.state.clear()
-        for name in ("unet", *self.trained_names):
+        for name in (self.family.denoiser, *self.trained_names):
             module = getattr(self, name)
             if module is not None:
                 module.zero_grad(set_to_none=True)
@@ -202,7 +204,7 @@ class DreamBoothModule(pl.LightningModule):
         from diffusers.optimization import get_scheduler
 
         cfg = self.cfg
-        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+        groups = [{"params": [p for p in self.denoiser.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
         if self.trained_names:
             groups.append({"params": [p for m in self._trained_encoders() for p in m.parameters() if p.requires_grad],
                            "lr": cfg.text_encoder_learning_rate or cfg.learning_rate})

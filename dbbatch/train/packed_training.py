@@ -69,9 +69,10 @@ class CohortData(Dataset):
     """Item `step`: every member's examples of that step, subject-major (member k's B instance examples, then
     its B class examples), with the weights that mark padding."""
 
-    def __init__(self, members: list[Member], batch_size: int, scheduler: Any, scaling_factor: float, family: Any):
-        self.members, self.batch_size, self.family = members, batch_size, family
-        self.scheduler, self.scaling_factor = scheduler, scaling_factor
+    def __init__(self, members: list[Member], batch_size: int, scheduler: Any, scaling_factor: float, family: Any,
+                 shift_factor: float = 0.0, settings: Any = None):
+        self.members, self.batch_size, self.family, self.settings = members, batch_size, family, settings
+        self.scheduler, self.scaling_factor, self.shift_factor = scheduler, scaling_factor, shift_factor
         self.with_class = members[0].klass is not None
         self.sizes = [max(len(m.instance[0]), len(m.klass[0]) if m.klass is not None else 0) for m in members]
         self.samplers = [EpochShuffle(n, m.seed) for n, m in zip(self.sizes, members)]
@@ -117,7 +118,7 @@ class CohortData(Dataset):
                 keys += [key + 1 for key in ks]
             weights.append([1.0] * real + [0.0] * (B - real))
         noisy, target, timesteps = noised_examples(self.family, self.scheduler, torch.cat(means), torch.cat(stds), keys,
-                                                   self.scaling_factor, "cpu")
+                                                   self.scaling_factor, "cpu", self.shift_factor, self.settings)
         return {"noisy": noisy, "target": target, "timesteps": timesteps, "weights": torch.tensor(weights),
                 "step": torch.tensor(step)}
 
@@ -125,12 +126,12 @@ class CohortData(Dataset):
 class CohortModule(DreamBoothModule):
     """The packed trainer: the UNet with packed layers (the only trainable parameters) and the members."""
 
-    def __init__(self, unet: Any, members: list[Member], train: Any, scheduler_config: dict[str, Any],
+    def __init__(self, denoiser: Any, members: list[Member], train: Any, scheduler_config: dict[str, Any],
                  scaling_factor: float, meta: dict[str, Any], prior_from_base: bool = False, family: Any = None):
         from dbbatch.train.module import TextInputs
 
         empty = TextInputs(members[0].instance_states, members[0].class_states, are_ids=False)
-        super().__init__(unet, {}, empty, train, scheduler_config, scaling_factor, meta, adapters_only=True,
+        super().__init__(denoiser, {}, empty, train, scheduler_config, scaling_factor, meta, adapters_only=True,
                          prior_from_base=prior_from_base, family=family)
         self.members = members
         self.with_class = members[0].klass is not None
@@ -192,13 +193,13 @@ class CohortModule(DreamBoothModule):
             noisy = noisy.clone()
             noisy[k * E : (k + 1) * E] = float("nan")
         if self.with_class and self.prior_from_base:
-            with torch.no_grad(), packed_off(self.unet):
-                base = self.family.predict(self.unet, self._class_rows(noisy), self._class_rows(timesteps),
+            with torch.no_grad(), packed_off(self.denoiser):
+                base = self.family.predict(self.denoiser, self._class_rows(noisy), self._class_rows(timesteps),
                                            {k: self._class_rows(v) for k, v in self.conditioning().items()})
             target = target.reshape(K, 2 * B, *target.shape[1:]).clone()
             target[:, B:] = base.to(target.dtype).reshape(K, B, *base.shape[1:])
             target = target.reshape(K * 2 * B, *target.shape[2:])
-        pred = self.family.predict(self.unet, noisy, timesteps, self.conditioning())
+        pred = self.family.predict(self.denoiser, noisy, timesteps, self.conditioning())
         per_example = (pred.float() - target.float()).pow(2).flatten(1).mean(1).reshape(K, -1)  # K x examples
         count = weights.sum(1)
         inst = (per_example[:, :B] * weights).sum(1) / count
@@ -210,7 +211,7 @@ class CohortModule(DreamBoothModule):
         """Per-subject clipping (torch's clip_grad_norm_ applied to each slot), after finding subjects that failed."""
         from dbbatch.models.packed_lora import parameters
 
-        params = [p for p in parameters(self.unet) if p.grad is not None]
+        params = [p for p in parameters(self.denoiser) if p.grad is not None]
         if not params:
             return
         K = len(self.members)
@@ -244,7 +245,7 @@ class CohortModule(DreamBoothModule):
         for k in slots:
             self.alive[k], self.failed_at[k] = False, step
         with torch.no_grad():
-            for p in parameters(self.unet):
+            for p in parameters(self.denoiser):
                 p[slots] = 0
                 for value in optimizer.state.get(p, {}).values():
                     if torch.is_tensor(value) and value.shape[:1] == p.shape[:1] and value.dim() == p.dim():

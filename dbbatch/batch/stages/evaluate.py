@@ -33,7 +33,7 @@ class Evaluate:
         if base is None and c.s.train.method == "lora":
             from dbbatch.models.lora import adapters_off
 
-            base = lambda: adapters_off(model.unet, *model.text_encoders)  # noqa: E731
+            base = lambda: adapters_off(model.denoiser, *model.text_encoders)  # noqa: E731
 
         def inside(context: Any) -> Any:
             def render(prompts: list[str], seeds: list[int]) -> list[Any]:
@@ -58,7 +58,7 @@ class Evaluate:
 
         model = self.c.b.model
         if not scored_during:
-            model.unet.eval()
+            model.denoiser.eval()
             if scorer.t.render_base is not None and scorer.scores.baseline is None:
                 scorer.baseline(scorer.t.render_base)
             scorer.record(steps)

@@ -75,13 +75,12 @@ class Publish:
             save_delta(model, c.work / "model", trained, dtype)
             folders.append("model")
         elif fmt == "full":
-            from diffusers import DDIMScheduler
-
-            comps = {**model.parts(), "scheduler": DDIMScheduler.from_config(model.scheduler_config), "family": model.family}
+            comps = {**model.parts(), "scheduler": model.family.sampling_scheduler(model.scheduler_config),
+                     "family": model.family}
             if lora:
                 from dbbatch.models.lora import merged_copy
 
-                comps.update({name: merged_copy(comps[name]) for name in ("unet", *trained)})
+                comps.update({name: merged_copy(comps[name]) for name in (model.family.denoiser, *trained)})
             save_folder(comps, c.work / "model", dtype)
             del comps
             folders.append("model")
@@ -106,7 +105,7 @@ class Publish:
             local = c.storage.fetch(join(c.out, "lora", DIFFUSERS_FILE), c.work / "trained" / "lora" / DIFFUSERS_FILE)
             load_lora_folder(model, local.parent)
             return
-        trained = ("unet", *text_encoders_trained(model, c.s))
+        trained = (model.family.denoiser, *text_encoders_trained(model, c.s))
         model.snapshot(trained)
         for name in trained:
             folder = join(c.out, "model", name)
@@ -130,7 +129,7 @@ class Publish:
             "subject": c.s.model_dump(mode="json"), "resolution": c.resolution,
             "base_model": c.b.manifest.base_model, "base_model_identity": c.b.model.identity,
             "output": c.b.opts.output, "output_dtype": c.b.manifest.output_dtype,
-            "model_format": c.s.model_format,
+            "base_dtype": c.b.manifest.base_dtype, "model_format": c.s.model_format,
             "storage_options": redact(c.b.manifest.storage_options),
         }
         c.storage.write_text(join(c.out, "config.yaml"), yaml.safe_dump(config, sort_keys=False))

@@ -32,7 +32,7 @@ class Sample:
         todo = [(r, col) for r in range(len(prompts)) for col in range(len(cfg.seeds)) if names[r][col] not in stored]
         task = c.b.reporter.start(f"{c.label}samples", total=len(todo), unit="img") if (c.b.reporter and todo) else None
         model = c.b.model
-        model.unet.eval()
+        model.denoiser.eval()
 
         made: dict[str, Image.Image] = {}
 

@@ -55,13 +55,14 @@ class Train:
             text = TextInputs(model.encode([c.s.instance_prompt]), model.encode([c.s.class_prompt]) if with_class else None,
                               False, added)
         if cfg.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
+            model.denoiser.enable_gradient_checkpointing()
         fingerprint = c.fingerprint()
         meta = {"base_model": model.identity, "subject": c.s.id, "train": cfg.model_dump(), "fingerprint": fingerprint}
-        module = DreamBoothModule(model.unet, {name: getattr(model, name) for name in trainable.text_encoders}, text, cfg,
+        module = DreamBoothModule(model.denoiser, {name: getattr(model, name) for name in trainable.text_encoders}, text, cfg,
                                   model.scheduler_config, model.vae.config.scaling_factor, meta,
                                   adapters_only=trainable.adapters_only, prior_from_base=prior_from_base, family=family,
-                                  encoders=model.text_encoders if trainable.text_encoders else ())
+                                  encoders=model.text_encoders if trainable.text_encoders else (),
+                                  shift_factor=model.latent_shift, family_settings=family.settings_of(c.s))
         loader = make_loader(LatentPairs(instance, klass), cfg.batch_size, cfg.seed)
         resume, checkpointer = self.checkpoints(fingerprint)
         resume_path = str(resume.local) if resume else None
@@ -69,7 +70,7 @@ class Train:
         scorer = self.evaluate.scorer(instance_images)
         in_process = device_count(cfg.devices) == 1  # DDP ranks are other processes: scored after training instead
         if scorer is not None and not in_process and not resumed_from and scorer.scores.baseline is None:
-            model.unet.eval()  # the base model's point, while the base weights are still here (scored after training)
+            model.denoiser.eval()  # the base model's point, while the base weights are still here (scored after training)
             scorer.baseline(scorer.t.render_base or scorer.t.render)
         if scorer is not None and not in_process and c.s.evaluation.keep == "best":
             log.warning("%s: evaluation.keep best scores during training, which runs in one process; with %d devices only "
@@ -86,7 +87,7 @@ class Train:
             if task is not None:
                 task.close()
             if cfg.gradient_checkpointing:
-                model.unet.disable_gradient_checkpointing()
+                model.denoiser.disable_gradient_checkpointing()
         model.to(c.b.device)  # Lightning's teardown moved the trained modules to the CPU
         losses = result.losses
         if not in_process:  # DDP ranks do not log to tracking services: the curve goes in now

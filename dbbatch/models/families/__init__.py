@@ -7,8 +7,9 @@ the family's LoRA and kohya specifics. Everything else (training, checkpoints, t
 storage, packing, the worker) only calls these methods. A model folder's family is its `model_index.json`
 `_class_name`; a built-in model names its own.
 
-A third family (SD3, Flux: a transformer denoiser and a flow-matching objective) implements the same methods
-in a new module and adds itself to FAMILIES: see `Family`.
+FLUX.1 (`flux.py`) is the third: a transformer denoiser (`Family.denoiser` names the component), packed latent
+patches, a flow-matching objective and its own timestep draw, all behind the same methods. A new family
+implements them in a new module and adds itself to FAMILIES: see `Family`.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any, Optional
 
 from dbbatch.core.errors import ModelError
 from dbbatch.models.families.base import Family
+from dbbatch.models.families.flux import Flux
 from dbbatch.models.families.sd import StableDiffusion
 from dbbatch.models.families.sdxl import StableDiffusionXL
 
-FAMILIES: dict[str, Family] = {f.pipeline_class: f for f in (StableDiffusion(), StableDiffusionXL())}
+FAMILIES: dict[str, Family] = {f.pipeline_class: f for f in (StableDiffusion(), StableDiffusionXL(), Flux())}
 BY_NAME: dict[str, Family] = {f.name: f for f in FAMILIES.values()}
 
 __all__ = ["FAMILIES", "BY_NAME", "Family", "by_name", "inapplicable", "of_pipeline_class", "of_folder", "supported"]

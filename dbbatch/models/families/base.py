@@ -5,12 +5,21 @@ from __future__ import annotations
 from typing import Any, Optional
 
 
+def vae_scale_factor(vae_config: Any) -> int:
+    """Pixels per latent pixel: the VAE halves the size in every block but the last (as diffusers computes it).
+    Takes the config (a dict from vae/config.json, or a loaded VAE's config): no weights needed."""
+    channels = vae_config["block_out_channels"] if isinstance(vae_config, dict) else vae_config.block_out_channels
+    return 2 ** (len(channels) - 1)
+
+
 class Family:
     """What a model family implements. Attributes are plain data; methods take modules, never the manifest.
 
-    A new family (SD3, Flux) sets the attributes and implements: `load`, `build`, `pipeline`, `encode`,
-    `added_conditioning`, `predict`, `noised`, `render_options`, `trained_text_encoders` and `kohya_version`.
-    `settings` below is the subject's family section (`sdxl:` for SDXL; None when the family has none or the
+    A new family sets the attributes and implements: `load`, `build`, `pipeline`, `encode`,
+    `added_conditioning`, `predict`, `noised`, `render_options`, `trained_text_encoders` and `kohya_version`;
+    one whose denoiser is not a UNet (FLUX.1's transformer) also names it (`denoiser`) and says how its
+    timesteps are drawn (`draw_timestep`), which schedulers train and sample, and its native size.
+    `settings` below is the subject's family section (`sdxl:`, `flux:`; None when the family has none or the
     subject left it out)."""
 
     name: str  # short name: metrics, the priors cache spec, the README table ("sd", "sdxl")
@@ -19,6 +28,9 @@ class Family:
     text_encoders: tuple[str, ...]  # component names, in the order `encode` takes them
     tokenizers: tuple[str, ...]  # one per text encoder
     section: Optional[str] = None  # the manifest section of this family's own keys ("sdxl"), or None
+    denoiser: str = "unet"  # the denoiser's component name in the diffusers folder and pipeline
+    latent_patch: int = 1  # the denoiser reads latents in patches of this side (FLUX.1 packs 2x2)
+    full_fine_tune: Optional[str] = None  # why `train.method: full` is refused for this family, or None
     # kohya key prefix of each text encoder's LoRA layers (A1111/ComfyUI); the UNet's is lora_unet_
     kohya_text_prefixes: dict[str, str] = {}
 
@@ -29,7 +41,31 @@ class Family:
     @property
     def components(self) -> tuple[str, ...]:
         """The subfolders a diffusers folder of this family must have."""
-        return ("unet", "vae", *self.text_encoders, *self.tokenizers, "scheduler")
+        return (self.denoiser, "vae", *self.text_encoders, *self.tokenizers, "scheduler")
+
+    def native_resolution(self, denoiser_config: Any, vae_config: Any) -> int:
+        """The pixel size the model was trained at (what `resolution` defaults to), from the configs (dicts or
+        loaded models' configs): the UNet's sample size in latent pixels."""
+        size = denoiser_config.get("sample_size", 64) if isinstance(denoiser_config, dict) else denoiser_config.sample_size
+        return int(size) * vae_scale_factor(vae_config)
+
+    def denoiser_from_config(self, config: dict[str, Any]) -> Any:
+        """The denoiser built from its config alone (call under accelerate's init_empty_weights: no weights)."""
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_config(config)
+
+    def training_scheduler(self, config: dict[str, Any]) -> Any:
+        """The scheduler whose noise schedule training uses (DDPM over the folder's betas)."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(config)
+
+    def sampling_scheduler(self, config: dict[str, Any]) -> Any:
+        """The scheduler priors, samples and evaluation render with (DDIM, eta 0: deterministic)."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(config)
 
     # -- loading and writing ---------------------------------------------------------------------------------
     def load(self, folder: Any) -> dict[str, Any]:
@@ -76,13 +112,25 @@ class Family:
         return unet(noisy.to(dtype), timesteps, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
                     added_cond_kwargs=added or None).sample
 
-    def noised(self, scheduler: Any, latents: Any, noise: Any, timesteps: Any) -> tuple[Any, Any]:
-        """The training objective: (noisy input, target) of clean latents at timesteps (uniform over the
-        scheduler's training steps). DDPM: epsilon or v-prediction, as the scheduler config says."""
+    def draw_timestep(self, generator: Any, scheduler: Any, settings: Any) -> Any:
+        """One example's timestep (a 1-element tensor) from its own generator (train/data.py `draws`): uniform
+        over the scheduler's training steps."""
+        import torch
+
+        return torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)
+
+    def noised(self, scheduler: Any, latents: Any, noise: Any, timesteps: Any, settings: Any = None) -> tuple[Any, Any]:
+        """The training objective: (noisy input, target) of clean latents at timesteps (`draw_timestep`).
+        DDPM: epsilon or v-prediction, as the scheduler config says."""
         noisy = scheduler.add_noise(latents, noise, timesteps)
         if scheduler.config.prediction_type == "v_prediction":
             return noisy, scheduler.get_velocity(latents, noise, timesteps)
         return noisy, noise
+
+    def setting_problems(self, settings: Any, where: str, denoiser_config: dict[str, Any], source: str) -> list[str]:
+        """The family section's settings that this very model cannot use (its denoiser's config tells), one line
+        each starting with `where` (e.g. "subjects[0].flux")."""
+        return []
 
     def trained_text_encoders(self, settings: Any) -> tuple[str, ...]:
         """The text encoders that train when a subject trains its text encoder (full or LoRA)."""
@@ -92,6 +140,14 @@ class Family:
     def render_options(self, settings: Any, resolution: int, negative_prompt: str) -> dict[str, Any]:
         """Keyword arguments of the pipeline call beyond prompt, size, steps, guidance and generators."""
         return {"negative_prompt": negative_prompt}
+
+    def kohya_state(self, denoiser: Any, denoiser_state: dict[str, Any], text_states: dict[str, dict[str, Any]],
+                    alpha: float) -> dict[str, Any]:
+        """peft adapter states (the denoiser's; each trained text encoder's by component name) -> the kohya file's
+        tensors (A1111/ComfyUI): `lora_unet_<layer>` and the family's text-encoder prefixes."""
+        from dbbatch.models.lora_export import kohya_state
+
+        return kohya_state(denoiser_state, text_states, alpha, self.kohya_text_prefixes)
 
     def kohya_version(self, model: Any) -> Optional[tuple[str, str]]:
         """(kohya `ss_base_model_version`, `modelspec.architecture`) when the model is a known release."""
