@@ -160,33 +160,30 @@ def test_a_packed_cohort_equals_solo_runs_and_the_test_catches_a_batch_mean_or_a
         assert worst > 100 * TOL, f"the {variant} variant went unnoticed ({worst:.2e})"
 
 
-def test_an_sdxl_cohort_equals_solo_runs_and_the_test_catches_a_batch_mean(world):
-    """Packing on the SDXL family: the conditioning a member carries (two encoders, pooled projection, size ids)
-    goes with its rows of the packed batch. The members differ in it: tom has another token and class, max other
-    micro-conditioning sizes."""
-    sdxl = {"base_model": "builtin:tiny-sdxl", "own": {"tom": {"token": "ohwx", "class_noun": "cat"},
-                                                        "max": {"sdxl": {"original_size": [128, 128]}}}}
-    packed, _ = world.run("sdxl-packed", **sdxl)
-    solo, _ = world.run("sdxl-solo", per_step=1, **sdxl)
+# Packing on the other families. SDXL: the conditioning a member carries (two encoders, pooled projection, size
+# ids) goes with its rows of the packed batch; the members differ in it (tom another token and class, max other
+# micro-conditioning sizes). FLUX.1 (tiny-flux): each member's T5 sequence, pooled CLIP and guidance value go with
+# its rows, and its flow-matching timesteps come from its own keys (logit-normal, shifted). Measured: packed vs
+# solo 4.4e-6 (SDXL) and 2.0e-6 (FLUX.1) against TOL 1e-5; the batch mean 1.5e-3 and 1.3e-3 against 100 x TOL (the
+# runs are deterministic on the CPU, so the thin margin of the control does not flake).
+FAMILY_COHORTS = {
+    "sdxl": {"base_model": "builtin:tiny-sdxl", "own": {"tom": {"token": "ohwx", "class_noun": "cat"},
+                                                         "max": {"sdxl": {"original_size": [128, 128]}}}},
+    "flux": {"base_model": "builtin:tiny-flux",
+             "own": {sid: {"flux": {"weighting_scheme": "logit_normal", "timestep_shift": 3.0},
+                           **({"token": "ohwx", "class_noun": "cat"} if sid == "tom" else {})} for sid in IDS}},
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_COHORTS))
+def test_a_cohort_of_another_family_equals_solo_runs_and_the_test_catches_a_batch_mean(world, family: str):
+    kw = FAMILY_COHORTS[family]
+    packed, _ = world.run(f"{family}-packed", **kw)
+    solo, _ = world.run(f"{family}-solo", per_step=1, **kw)
     for sid in IDS:
         assert gap(packed, solo, sid) < TOL, sid
         assert metrics(packed, sid)["cohort"]["size"] == 3 and "cohort" not in metrics(solo, sid)
-    out, _ = world.run("sdxl-batch-mean", faults="packing_variant=batch_mean", **sdxl)
-    assert max(gap(out, solo, sid) for sid in IDS) > 100 * TOL
-
-
-def test_a_flux_cohort_equals_solo_runs_and_the_test_catches_a_batch_mean(world):
-    """Packing on the FLUX.1 family (tiny-flux): each member's T5 sequence, pooled CLIP and guidance value go with
-    its rows, and its flow-matching timesteps come from its own keys (logit-normal, shifted)."""
-    flux = {"base_model": "builtin:tiny-flux",
-            "own": {sid: {"flux": {"weighting_scheme": "logit_normal", "timestep_shift": 3.0}} for sid in IDS}}
-    flux["own"]["tom"].update(token="ohwx", class_noun="cat")
-    packed, _ = world.run("flux-packed", **flux)
-    solo, _ = world.run("flux-solo", per_step=1, **flux)
-    for sid in IDS:
-        assert gap(packed, solo, sid) < TOL, sid
-        assert metrics(packed, sid)["cohort"]["size"] == 3 and "cohort" not in metrics(solo, sid)
-    out, _ = world.run("flux-batch-mean", faults="packing_variant=batch_mean", **flux)
+    out, _ = world.run(f"{family}-batch-mean", faults="packing_variant=batch_mean", **kw)
     assert max(gap(out, solo, sid) for sid in IDS) > 100 * TOL
 
 
