@@ -9,7 +9,9 @@ single block, CLIP + T5, a guidance embedding) and its schnell twin. The family 
   load_lora_weights, renders the stored samples; the kohya file is BFL's layout with fused projections whose
   product is exactly the adapters' (the negative control: a perturbed file is caught), and diffusers' own
   kohya-Flux converter renders what the diffusers file renders;
-- SIGKILL mid-training, rerun: the adapters are bitwise the uninterrupted run's (another seed's are not).
+- SIGKILL mid-training, rerun: the adapters are bitwise the uninterrupted run's (another seed's are not);
+- evaluation scores FluxPipeline renders during training, and the batch report lists the subjects;
+- `base_dtype: bf16` trains float32 adapters beside a bf16 base, close to the float32 base's, with its own priors.
 Packing on tiny-flux is in test_packing.py; Flux's hostile inputs are in test_hostile_inputs.py.
 """
 
@@ -65,7 +67,8 @@ def _manifest(tmp: Path, name: str, base: str, subjects: list[dict], **train) ->
         "flux": {"weighting_scheme": "logit_normal", "timestep_shift": 3.0, "train_guidance": 1.0}})
 
 
-REX = {"id": "rex", "train": {"lora": {"rank": 4, "alpha": 8, "text_encoder": True}}}
+REX = {"id": "rex", "train": {"lora": {"rank": 4, "alpha": 8, "text_encoder": True}},
+       "evaluation": {"clip": "builtin:toy-clip", "every": 4, "seeds": [0]}}  # scored through FluxPipeline renders
 KIM = {"id": "kim", "token": "ohwx", "class_noun": "cat", "priors": {"source": "base_model"},  # a higher rate: adapters
        "train": {"learning_rate": 2e-2, "lora": {"rank": 4, "alpha": 8, "target": DOUBLE_ONLY}}}  # that show in images
 
@@ -167,6 +170,10 @@ def test_lora_trains_transformer_and_clip_and_the_diffusers_file_reproduces_the_
     assert any(k.startswith("text_encoder.") for k in keys) and not any(k.startswith("text_encoder_2.") for k in keys)
     metrics = json.loads((out / "rex" / "metrics.json").read_text())
     assert metrics["method"] == "lora" and metrics["steps"] == 8 and metrics["priors_generated"] == 2
+    points = metrics["evaluation"]["points"]
+    assert [p["step"] for p in points] == [4, 8] and all(isinstance(p["clip_i"], float) for p in points)
+    report = json.loads((out / "_report" / "summary.json").read_text())
+    assert {s["id"] for s in report["subjects"]} == {"rex", "kim"}
     assert json.loads((out / "kim" / "metrics.json").read_text())["priors_generated"] == 0  # priors.source base_model
     pipe = _pipeline(runs["base"])
     plain, stored = render_stored_samples(pipe, out / "rex", steps=3, guidance_scale=GUIDANCE)
