@@ -119,6 +119,11 @@ def test_conditioning_is_the_pipelines_and_guidance_reaches_a_distilled_transfor
     embeds, pooled, _ = pipe.encode_prompt("a photo of sks dog", prompt_2=None, device="cpu", max_sequence_length=512)
     assert torch.equal(ours["encoder_hidden_states"], embeds) and torch.equal(ours["pooled_projections"], pooled)
     assert not torch.equal(model.encode(["a photo of a cat"])["pooled_projections"], pooled)
+    from dbbatch.batch.priors import model_prior_spec
+    from dbbatch.config.settings import PriorConfig
+
+    spec = model_prior_spec(model, "a photo of dog", 32, PriorConfig(), None)  # the priors cache key's inputs
+    assert (spec["family"], spec["sampler"], spec["true_cfg_scale"]) == ("flux", "flow-match-euler", 1.0)
     latents, t = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([500.0])
     fam = model.family
     with torch.no_grad():

@@ -135,7 +135,8 @@ class Flux(Family):
         return {"guidance": torch.tensor([[_settings(settings).train_guidance]], dtype=torch.float32)}
 
     def conditioning_spec(self, settings: Any, resolution: int) -> dict[str, Any]:
-        return {"family": self.name, "true_cfg_scale": _settings(settings).true_cfg_scale}
+        # the priors spec names FluxPipeline's sampler (its default says the UNet families' DDIM)
+        return {"family": self.name, "sampler": "flow-match-euler", "true_cfg_scale": _settings(settings).true_cfg_scale}
 
     def fingerprint(self, settings: Any, resolution: int) -> dict[str, Any]:
         return {"family": self.name, **_settings(settings).model_dump(mode="json")}
