@@ -245,7 +245,7 @@ class FluxSettings(Strict):
 
     train_guidance: float = Field(
         1.0, ge=0.0, le=100.0, description="FLUX.1-dev is guidance-distilled: the guidance value its transformer is given "
-        "in every training step (1.0, as hosted Flux LoRA trainers train; diffusers' script uses 3.5). Refused for a "
+        "in every training step (1.0: the LoRA learns no one guidance level; diffusers' script uses 3.5). Refused for a "
         "model without a guidance embedding (FLUX.1-schnell). Rendering uses samples/priors.guidance_scale.")
     weighting_scheme: Literal["none", "logit_normal", "mode"] = Field(
         "none", description="How training timesteps are drawn (diffusers' compute_density_for_timestep_sampling): none "
