@@ -52,34 +52,38 @@ def _read_config(kind: str, where: str, rel: str, storage: Any, check_remote: bo
     return None
 
 
-def model_geometry(base_model: str, base_dir: Optional[Path], storage: Any, check_remote: bool,
-                   family: Any = None) -> Optional[tuple[int, int, int]]:
-    """(VAE scale factor, native resolution, latent patch side) from the model's config files (`family`: its
-    family, when known), or None when unknown here."""
+def component_config(base_model: str, base_dir: Optional[Path], storage: Any, check_remote: bool,
+                     component: str) -> Optional[dict[str, Any]]:
+    """A component's config (`vae`, `unet`, `transformer`: its config.json; a built-in's from ARCHS), or None when
+    not reachable here or unreadable (load_tokenizer/check_folder report an unusable folder)."""
     from dbbatch.models.assets import PRETRAINED
-    from dbbatch.models.base import vae_scale_factor
     from dbbatch.models.builtin import ARCHS
     from dbbatch.models.loading import resolve_source
 
-    from dbbatch.models import families
-
-    family = family or families.by_name("sd")
     kind, where = resolve_source(base_model, base_dir)
     if kind == "builtin" and where in PRETRAINED:
         kind, where = "local", str(PRETRAINED[where])  # its configs are package data
     if kind == "builtin":
-        arch = ARCHS.get(where)
-        if arch is None:
-            return None
-        vae, denoiser = arch["vae"], arch[family.denoiser]
-    else:
-        try:
-            vae = _read_config(kind, where, "vae/config.json", storage, check_remote)
-            denoiser = _read_config(kind, where, f"{family.denoiser}/config.json", storage, check_remote)
-        except (OSError, ValueError, DbbatchError):
-            return None  # load_tokenizer/check_folder report an unusable folder
-        if not vae or not denoiser or "block_out_channels" not in vae:
-            return None
+        return dict(ARCHS[where][component]) if where in ARCHS and component in ARCHS[where] else None
+    try:
+        config = _read_config(kind, where, f"{component}/config.json", storage, check_remote)
+    except (OSError, ValueError, DbbatchError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def model_geometry(base_model: str, base_dir: Optional[Path], storage: Any, check_remote: bool,
+                   family: Any = None) -> Optional[tuple[int, int, int]]:
+    """(VAE scale factor, native resolution, latent patch side) from the model's config files (`family`: its
+    family, when known), or None when unknown here."""
+    from dbbatch.models import families
+    from dbbatch.models.base import vae_scale_factor
+
+    family = family or families.by_name("sd")
+    vae = component_config(base_model, base_dir, storage, check_remote, "vae")
+    denoiser = denoiser_config(base_model, base_dir, storage, check_remote, family)
+    if not vae or not denoiser or "block_out_channels" not in vae:
+        return None
     return vae_scale_factor(vae), family.native_resolution(denoiser, vae), family.latent_patch
 
 
@@ -178,19 +182,7 @@ def family_problems(manifest: Manifest, family: Any, denoiser: Optional[dict[str
 def denoiser_config(base_model: str, base_dir: Optional[Path], storage: Any, check_remote: bool,
                     family: Any) -> Optional[dict[str, Any]]:
     """The denoiser's config (`unet/config.json`, `transformer/config.json`), or None when not reachable here."""
-    from dbbatch.models.assets import PRETRAINED
-    from dbbatch.models.builtin import ARCHS
-    from dbbatch.models.loading import resolve_source
-
-    kind, where = resolve_source(base_model, base_dir)
-    if kind == "builtin" and where in PRETRAINED:
-        kind, where = "local", str(PRETRAINED[where])
-    if kind == "builtin":
-        return dict(ARCHS[where][family.denoiser]) if where in ARCHS else None
-    try:
-        return _read_config(kind, where, f"{family.denoiser}/config.json", storage, check_remote)
-    except (DbbatchError, ValueError):
-        return None  # reported by the model checks
+    return component_config(base_model, base_dir, storage, check_remote, family.denoiser)
 
 
 def denoiser_layers(base_model: str, base_dir: Optional[Path], storage: Any, check_remote: bool,
